@@ -1,0 +1,59 @@
+"""fastai_freeze: principled, automatic and visible fine-tuning of pretrained networks in fastai.
+
+Importing the package adds new, clearly named Learner methods (`fine_tune_with`, `freeze_body`,
+`split_bn`, `apply_bn_policy`, `new_head`...) and changes none of fastai's own.
+"""
+from __future__ import annotations
+
+from . import freeze as _freeze_patches  # noqa: F401  Learner.freeze_body, Learner.split_bn
+from .bn import (
+                 BN_TYPES,
+                 BNAffine,
+                 FoldReport,
+                 FuseReport,
+                 RecalibrationReport,
+                 ShiftReport,
+                 bn_layers,
+                 bn_parameters,
+                 bn_shift,
+                 fold_bn,
+                 freeze_bn,
+                 fuse_conv_bn,
+                 is_bn,
+                 recalibrate_bn,
+                 set_bn_eval,
+)
+from .freeze import BNSplitter, body_bn_layers, check_splittable, frozen_state, rebuild_optimizer
+from .policy import (
+                 MAX_BN_SHIFT,
+                 MIN_BN_BATCH,
+                 BNDecision,
+                 BNPolicy,
+                 BNPolicyCallback,
+                 choose_bn_policy,
+                 decide_bn_policy,
+)
+from .record import FineTuneRecord, PhaseRecord, RangeTestResult
+from .schedule import (
+                 DEFAULT_FALLBACK_LR,
+                 FineTuneCallback,
+                 PlateauRule,
+                 StopAtTarget,
+                 UnfreezeOnPlateau,
+                 learner_snapshot,
+                 range_test,
+                 restore_learner,
+)
+from .transfer import cut_body, new_head_learner, simple_head
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BN_TYPES", "BNAffine", "FoldReport", "FuseReport", "RecalibrationReport", "ShiftReport", "bn_layers",
+    "bn_parameters", "bn_shift", "fold_bn", "freeze_bn", "fuse_conv_bn", "is_bn", "recalibrate_bn",
+    "set_bn_eval", "BNSplitter", "body_bn_layers", "check_splittable", "frozen_state",
+    "rebuild_optimizer", "MAX_BN_SHIFT", "MIN_BN_BATCH", "BNDecision", "BNPolicy", "BNPolicyCallback",
+    "choose_bn_policy", "decide_bn_policy", "FineTuneRecord", "PhaseRecord", "RangeTestResult",
+    "DEFAULT_FALLBACK_LR", "FineTuneCallback", "PlateauRule", "StopAtTarget", "UnfreezeOnPlateau",
+    "learner_snapshot", "range_test", "restore_learner", "cut_body", "new_head_learner", "simple_head",
+]

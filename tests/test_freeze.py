@@ -1,0 +1,120 @@
+import pytest
+import torch
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat
+from fastai.torch_core import params
+from fastai.vision.learner import vision_learner
+from torch import nn
+from torchvision.models import resnet18
+
+import fastai_freeze  # noqa: F401  (the Learner patches)
+from fastai_freeze.bn import bn_layers, bn_parameters, is_bn
+from fastai_freeze.data import tensor_dls
+from fastai_freeze.freeze import BNSplitter, body_bn_layers, frozen_state
+
+
+def _dls(bs=8):
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 3, (32,))
+    return tensor_dls(x[:24], y[:24], x[24:], y[24:], bs=bs)
+
+
+def _check_body_frozen_bn(learn, bn_trainable):
+    head = learn.opt.param_lists[-1]
+    body_bn = {id(p) for _, m in body_bn_layers(learn.model, head) for p in m.parameters(recurse=False)}
+    assert body_bn, "the model should have BN layers in its body"
+    for pg in learn.opt.param_lists[:-1]:
+        for p in pg:
+            assert p.requires_grad == (bn_trainable and id(p) in body_bn)
+    assert all(p.requires_grad for p in head)
+
+
+@pytest.mark.parametrize("train_bn", [True, False])
+@pytest.mark.parametrize("bn_trainable", [True, False])
+def test_freeze_body_on_vision_learner_ignores_train_bn(train_bn, bn_trainable):
+    learn = vision_learner(_dls(), resnet18, pretrained=False, n_out=3, train_bn=train_bn)
+    learn.freeze_body(bn_trainable=bn_trainable)
+    assert len(learn.opt.param_lists) == 3
+    _check_body_frozen_bn(learn, bn_trainable)
+    learn.unfreeze()  # fastai's own unfreeze undoes it
+    assert all(p.requires_grad for p in learn.model.parameters())
+
+
+def test_freeze_body_timm_model():
+    pytest.importorskip("timm")
+    learn = vision_learner(_dls(), "resnet18", pretrained=False, n_out=3)
+    learn.freeze_body(bn_trainable=True)
+    _check_body_frozen_bn(learn, True)
+
+
+class Custom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.BatchNorm1d(8), nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def _custom_learner(splitter=None):
+    kw = {} if splitter is None else {"splitter": splitter}
+    return Learner(_dls(), Custom(), loss_func=CrossEntropyLossFlat(), **kw)
+
+
+def test_custom_splitter_and_head_bn_untouched():
+    learn = _custom_learner(lambda m: [params(m.body), params(m.head)])
+    state = learn.freeze_body(bn_trainable=False)
+    assert state == [(0, 8), (4, 4)]
+    assert learn.model.head[2].weight.requires_grad  # the head's BN is the head's
+    names = [n for n, _ in body_bn_layers(learn.model, learn.opt.param_lists[-1])]
+    assert names == ["body.1", "body.4"]
+
+
+def test_one_group_model_is_refused_with_a_hint():
+    learn = _custom_learner()
+    with pytest.raises(ValueError, match="splitter"):
+        learn.freeze_body()
+    with pytest.raises(ValueError, match="splitter"):
+        learn.split_bn()
+
+
+def test_bn_splitter_gives_bn_its_own_group():
+    learn = vision_learner(_dls(), resnet18, pretrained=False, n_out=3)
+    n = learn.split_bn()
+    assert n == 4
+    groups = learn.opt.param_lists
+    bn_ids = {id(p) for p in bn_parameters(learn.model[0])}
+    assert {id(p) for p in groups[2]} == bn_ids
+    assert not any(id(p) in bn_ids for g in groups[:2] for p in g)
+    assert sum(len(g) for g in groups) == len(list(learn.model.parameters()))
+    learn.freeze_body(bn_trainable=True)
+    assert frozen_state(learn) == [(0, len(groups[0])), (0, len(groups[1])), (len(groups[2]), len(groups[2])),
+                                   (len(groups[3]), len(groups[3]))]
+    learn.opt.set_hyper("lr", [1e-5, 1e-4, 5e-3, 1e-2])  # its own rate
+    assert learn.opt.hypers[2]["lr"] == 5e-3
+    assert repr(BNSplitter(len)).startswith("BNSplitter")
+
+
+def test_import_changes_no_fastai_method():
+    import importlib
+    import subprocess
+    import sys
+    code = ("import fastai.vision.all as f; names=['fine_tune','lr_find','freeze','unfreeze','freeze_to','fit_one_cycle','fit'];"
+            "before={n: getattr(f.Learner, n) for n in names}; import fastai_freeze;"
+            "assert all(getattr(f.Learner, n) is before[n] for n in names), 'patched';"
+            "assert fastai_freeze.BNPolicy.FOLD.value == 'fold'; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    importlib.import_module("fastai_freeze")
+
+
+def test_fastai_freeze_behaviour_unchanged_after_import():
+    learn = vision_learner(_dls(), resnet18, pretrained=False, n_out=3, train_bn=False)
+    learn.freeze()
+    # fastai's train_bn=False: body BN frozen too, and (as fastai does) BN layers are left in train mode
+    assert not any(p.requires_grad for _, m in bn_layers(learn.model[0]) for p in m.parameters())
+    assert all(is_bn(m) for _, m in bn_layers(learn.model))
+    learn.unfreeze()
+    assert all(p.requires_grad for p in learn.model.parameters())

@@ -1,0 +1,189 @@
+import pickle
+
+import pytest
+import torch
+from fastai.callback.core import Callback, CancelFitException
+from fastai.learner import load_learner
+
+import fastai_freeze  # noqa: F401
+from fastai_freeze.bn import BNAffine, bn_layers
+from fastai_freeze.freeze import body_bn_layers
+from fastai_freeze.policy import BNPolicy, BNPolicyCallback, choose_bn_policy
+
+
+class Spy(Callback):
+    "Records, at the first batch of every epoch, the training flag and requires_grad of every module/param."
+    order = 100
+
+    def before_fit(self):
+        self.seen = []
+
+    def before_batch(self):
+        if self.training and self.iter == 0:
+            self.seen.append(_state(self.learn))
+
+
+def _state(learn):
+    head = learn.opt.param_lists[-1]
+    body_bn = [m for _, m in body_bn_layers(learn.model, head)]
+    bn_ids = {id(m) for m in body_bn}
+    others = [m for m in learn.model[0].modules() if id(m) not in bn_ids and not list(m.children())]
+    return {
+        "bn_training": {m.training for m in body_bn},
+        "bn_grad": {p.requires_grad for m in body_bn for p in m.parameters(recurse=False)},
+        "body_grad": {p.requires_grad for m in others for p in m.parameters(recurse=False)},
+        "head_grad": {p.requires_grad for p in head},
+        "other_training": {m.training for m in others},
+        "folded": all(isinstance(m, BNAffine) for m in body_bn),
+    }
+
+
+EXPECTED = {  # during the frozen fit: (BN training mode, BN params trainable, folded)
+    "train": ({True}, {True}, False),
+    "frozen": ({False}, {False}, False),
+    "fold": ({True}, {True}, True),
+    "adapt": ({True}, {True}, True),
+}
+
+
+@pytest.mark.parametrize("policy", ["train", "frozen", "fold", "adapt"])
+@pytest.mark.parametrize("dropin", [False, True])
+def test_policy_state_before_during_after(make_learner, policy, dropin):
+    learn = make_learner(bs=16)
+    spy = Spy()
+    before = _state(learn)
+    assert before["bn_grad"] == {True} and before["body_grad"] == {False}  # new_head_learner: frozen, BN trainable
+    if dropin:
+        learn.fit_one_cycle(2, 1e-3, cbs=[BNPolicyCallback(policy), spy])
+    else:
+        decision = learn.apply_bn_policy(policy)
+        assert decision.policy.value == policy
+        learn.fit_one_cycle(2, 1e-3, cbs=spy)
+    training, grad, folded = EXPECTED[policy]
+    assert len(spy.seen) == 2
+    for s in spy.seen:
+        assert s["bn_training"] == training
+        assert s["bn_grad"] == grad
+        assert s["body_grad"] == {False} and s["head_grad"] == {True}
+        assert s["other_training"] == {True}
+        assert s["folded"] == folded
+    after = _state(learn)
+    assert after["bn_training"] == {False} == after["other_training"]  # fastai ends in eval: uniform
+    assert after["bn_grad"] == {True}  # as before the fit: 'frozen' gives back the flags it changed
+    # every trainable parameter of the model is in the optimizer (rebuilt after a fold)
+    opt_ids = {id(p) for pg in learn.opt.param_lists for p in pg}
+    assert {id(p) for p in learn.model.parameters()} == opt_ids
+
+
+def test_frozen_keeps_running_stats_byte_identical(make_learner):
+    learn = make_learner(bs=16)
+    learn.apply_bn_policy("frozen")
+    stats = {n: b.clone() for n, b in learn.model.named_buffers()}
+    learn.fit_one_cycle(1, 1e-3)
+    body = {id(b) for _, m in body_bn_layers(learn.model, learn.opt.param_lists[-1]) for b in m.buffers()}
+    for n, b in learn.model.named_buffers():
+        if id(b) in body:
+            assert torch.equal(b, stats[n]), n
+    # ...while under 'train' they move
+    learn2 = make_learner(bs=16)
+    s2 = {n: b.clone() for n, b in learn2.model.named_buffers()}
+    learn2.fit_one_cycle(1, 1e-3)
+    assert not torch.equal(learn2.model[0][1].running_mean, s2["0.1.running_mean"])
+
+
+def test_fold_updates_affine_params_through_rebuilt_optimizer(make_learner):
+    learn = make_learner(bs=16)
+    learn.fit_one_cycle(1, 1e-3, cbs=BNPolicyCallback("fold"))
+    affine = [m for _, m in bn_layers(learn.model[0])]
+    assert affine and all(isinstance(m, BNAffine) for m in affine)
+    w0 = {id(m): m.weight.detach().clone() for m in affine}
+    learn.fit_one_cycle(1, 1e-3)
+    assert any(not torch.equal(m.weight, w0[id(m)]) for m in affine)
+
+
+def test_adapt_recalibrates_on_the_new_data(make_learner, source_model):
+    learn = make_learner(bs=16)
+    decision = learn.apply_bn_policy("adapt")
+    assert any("re-estimated" in d for d in decision.details)
+    first = learn.model[0][1]  # stem BN of the body, now folded
+    src = source_model.bn1
+    old_scale = (src.weight / torch.sqrt(src.running_var + src.eps)).detach()
+    assert isinstance(first, BNAffine) and not torch.allclose(first.weight.detach(), old_scale)
+
+
+def test_interrupted_fit_leaves_no_mode_or_flag_behind(make_learner):
+    class Boom(Callback):
+        order = 100
+
+        def before_batch(self):
+            if self.iter == 2:
+                raise CancelFitException()
+
+    learn = make_learner(bs=16)
+    flags = {p: p.requires_grad for p in learn.model.parameters()}
+    learn.fit_one_cycle(2, 1e-3, cbs=[BNPolicyCallback("frozen"), Boom()])
+    mode = learn.model.training
+    assert {m.training for m in learn.model.modules()} == {mode}
+    assert {p: p.requires_grad for p in learn.model.parameters()} == flags
+
+    class Crash(Boom):
+        def before_batch(self):
+            if self.iter == 1:
+                raise RuntimeError("boom")
+    with pytest.raises(RuntimeError):
+        learn.fit_one_cycle(2, 1e-3, cbs=[BNPolicyCallback("frozen"), Crash()])
+
+
+def test_folded_learner_save_load_export_pickle(make_learner, tmp_path):
+    learn = make_learner(bs=16)
+    learn.path = tmp_path
+    learn.apply_bn_policy("fold")
+    learn.fit_one_cycle(1, 1e-3)
+    x = torch.randn(4, 3, 32, 32)
+    learn.model.eval()
+    ref = learn.model(x).detach()
+    learn.save("folded")
+    learn2 = make_learner(bs=16)
+    learn2.path = tmp_path
+    learn2.apply_bn_policy("fold")
+    learn2.load("folded")
+    assert torch.allclose(learn2.model.eval()(x), ref)
+    learn.export(tmp_path / "export.pkl")
+    loaded = load_learner(tmp_path / "export.pkl")
+    assert torch.allclose(loaded.model.eval()(x), ref)
+    clone = pickle.loads(pickle.dumps(learn.model))
+    assert torch.allclose(clone.eval()(x), ref)
+
+
+def test_unknown_policy_and_conflicts_are_clear_errors(make_learner):
+    with pytest.raises(ValueError, match="unknown BN policy 'folded'.*'fold'"):
+        BNPolicy.parse("folded")
+    with pytest.raises(ValueError, match="freeze_bn=True"):
+        BNPolicyCallback("train", freeze_bn=True)
+    with pytest.raises(ValueError, match="freeze_bn=False"):
+        BNPolicyCallback("frozen", freeze_bn=False)
+    assert BNPolicy.parse("FOLD") is BNPolicy.FOLD
+
+
+def test_auto_choice_rules():
+    assert choose_bn_policy(64).policy is BNPolicy.TRAIN
+    assert choose_bn_policy(64, freeze_bn=True).policy is BNPolicy.FROZEN
+    small = choose_bn_policy(4, shift=0.01)
+    assert small.policy is BNPolicy.FOLD and "4 < 16" in small.reason
+    assert choose_bn_policy(4, freeze_bn=True).policy is BNPolicy.FROZEN
+    far = choose_bn_policy(64, shift=0.5)
+    assert far.policy is BNPolicy.ADAPT and "0.50" in far.reason
+
+
+@pytest.mark.parametrize("bs,expected", [(4, BNPolicy.FOLD), (32, BNPolicy.TRAIN)])
+def test_auto_on_a_learner_measures_batch_and_shift(make_learner, bs, expected):
+    learn = make_learner(bs=bs)
+    d = learn.apply_bn_policy("auto")
+    assert d.batch_size == bs and d.shift is not None and d.shift < 0.1
+    assert d.policy is expected
+
+
+def test_policy_on_model_without_bn_is_a_clear_no_op(make_learner):
+    from fastai_freeze.policy import BNDecision, apply_bn_policy_now
+    learn = make_learner(bs=16)
+    assert apply_bn_policy_now(learn, BNDecision(BNPolicy.TRAIN, False, "asked")) == "no module changed"
