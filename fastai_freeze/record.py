@@ -48,6 +48,11 @@ class PhaseRecord:
     metric_names: list[str] = field(default_factory=list)
     values: list[list] = field(default_factory=list)
 
+    @property
+    def total_seconds(self) -> float:
+        "The phase's fit plus the range test that chose its rate."
+        return self.seconds + (self.range_test.seconds if self.range_test is not None else 0.0)
+
 
 @dataclass
 class FineTuneRecord:
@@ -60,7 +65,8 @@ class FineTuneRecord:
 
     @property
     def seconds(self) -> float:
-        return sum(p.seconds for p in self.phases)
+        "Wall time of the whole run: every fit and every range test."
+        return sum(p.total_seconds for p in self.phases)
 
     @property
     def range_tests(self) -> list[tuple[str, RangeTestResult]]:
@@ -79,7 +85,7 @@ class FineTuneRecord:
             groups = "".join(p.trainable_groups)
             lrs = ", ".join(f"{lr:.2g}" for lr in p.lrs)
             rows.append(f"{p.name:<12} {p.epochs_run:>3}/{p.epochs_planned:<3} {groups:<15} {lrs:<34} "
-                        f"{p.lr_source:<26} {p.seconds:>6.1f}s  {p.end_reason}")
+                        f"{p.lr_source:<26} {p.total_seconds:>6.1f}s  {p.end_reason}")
         out = "\n".join(rows)
         if self.bn is not None:
             out = f"BN: {self.bn}\n" + out
@@ -89,6 +95,7 @@ class FineTuneRecord:
         if fm:
             out += "\nfinal: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                            for k, v in fm.items())
+        out += f"\ntotal time {self.seconds:.1f}s (range tests included)"
         out += "\ngroups: T trains, b only its BN parameters train, . frozen"
         for n in self.notes:
             out += f"\nnote: {n}"

@@ -423,7 +423,7 @@ def _run_phase(learn: Learner, record: FineTuneRecord, name: str, epochs: int, l
 
 @patch
 @delegates(Learner.fit_one_cycle)
-def fine_tune_with(self: Learner, epochs: int, base_lr: float | None = None, freeze_epochs: int = 1,
+def fine_tune_with(self: Learner, epochs: int, base_lr: float | None = 2e-3, freeze_epochs: int = 1,
                    bn: str = "auto", freeze_bn: bool | None = None, unfreeze: str = "epochs",
                    patience: int = 1, min_delta: float = 0.0, suggest: str | Callable = "valley",
                    lr_mult: float = 100, fallback_lr: float | None = DEFAULT_FALLBACK_LR,
@@ -436,7 +436,8 @@ def fine_tune_with(self: Learner, epochs: int, base_lr: float | None = None, fre
       shift; see `choose_bn_policy`); `freeze_bn` says whether BN parameters train in the warm-up
       (`None`: no, only under bn='frozen').
     - Warm-up: `fit_one_cycle(freeze_epochs, slice(base_lr), pct_start=0.99)` on the frozen body, as
-      fastai's `fine_tune` does; `base_lr=None` takes the range test's suggestion on the frozen model.
+      fastai's `fine_tune` does (same default, 2e-3); `base_lr=None` takes the range test's suggestion
+      on the frozen model instead.
       `unfreeze='plateau'` ends it early once the validation loss has not improved by `min_delta`
       for `patience` epochs (`freeze_epochs` is then the cap).
     - Unfreeze, range test (`suggest`: 'valley', 'steep', 'minimum', 'slide' or a callable), train

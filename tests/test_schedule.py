@@ -95,7 +95,7 @@ class PhaseSpy(Callback):
 def test_fine_tune_with_phases_and_freeze_states(make_learner):
     learn = make_learner(bs=16)
     spy = PhaseSpy()
-    rec = learn.fine_tune_with(2, bn="train", freeze_epochs=1, cbs=spy, num_it=30)
+    rec = learn.fine_tune_with(2, base_lr=None, bn="train", freeze_epochs=1, cbs=spy, num_it=30)
     assert [p.name for p in rec.phases] == ["warm-up", "unfrozen"]
     assert [p.epochs_run for p in rec.phases] == [1, 2]
     warm, full = spy.fits
