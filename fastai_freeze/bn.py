@@ -148,6 +148,18 @@ class RecalibrationReport:
                 f"{self.samples} samples in {self.batches} batches")
 
 
+def _moments_hook(store: dict):
+    "A forward pre-hook adding, per module, [count, per-channel sum, per-channel sum of squares] (float64)."
+    def hook(mod, inp):
+        x = inp[0].detach().double()
+        dims = [0] + list(range(2, x.dim()))
+        s = store.setdefault(mod, [0, 0.0, 0.0])
+        s[0] += x.numel() // x.shape[1]
+        s[1] = s[1] + x.sum(dims)
+        s[2] = s[2] + (x * x).sum(dims)
+    return hook
+
+
 def _device_of(model: nn.Module) -> torch.device | None:
     p = next(iter(model.parameters()), None)
     return None if p is None else p.device
@@ -178,16 +190,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, forward=None,
                          "(already folded? fold after recalibrating)")
     modes = {m: m.training for m in model.modules()}
     sums: dict[nn.Module, list] = {}
-
-    def hook(mod, inp):
-        x = inp[0].detach()
-        dims = [0] + list(range(2, x.dim()))
-        xd = x.double()
-        n = x.numel() // x.shape[1]
-        s = sums.setdefault(mod, [0, 0.0, 0.0])
-        s[0] += n
-        s[1] = s[1] + xd.sum(dims)
-        s[2] = s[2] + (xd * xd).sum(dims)
+    hook = _moments_hook(sums)
 
     # momentum 0 keeps the running statistics untouched during the pass (so an error midway
     # loses nothing); the exact pooled statistics are written at the end.
@@ -385,14 +388,7 @@ def bn_shift(model: nn.Module, batches: Iterable, max_batches: int | None = 8,
     device = _device_of(work)
     work.eval()
     stats: dict[nn.Module, list] = {}
-
-    def hook(mod, inp):
-        x = inp[0].detach().double()
-        dims = [0] + list(range(2, x.dim()))
-        s = stats.setdefault(mod, [0, 0.0, 0.0])
-        s[0] += x.numel() // x.shape[1]
-        s[1] = s[1] + x.sum(dims)
-        s[2] = s[2] + (x * x).sum(dims)
+    hook = _moments_hook(stats)
 
     handles = [m.register_forward_pre_hook(hook) for _, m in layers]
     ns = 0
