@@ -23,6 +23,7 @@ from .bn import (
                  recalibrate_bn,
                  set_bn_eval,
 )
+from .diagnostics import WeightDiagnostics, layer_weights, relative_change
 from .freeze import BNSplitter, body_bn_layers, check_splittable, frozen_state, rebuild_optimizer
 from .policy import (
                  MAX_BN_SHIFT,
@@ -55,5 +56,6 @@ __all__ = [
     "rebuild_optimizer", "MAX_BN_SHIFT", "MIN_BN_BATCH", "BNDecision", "BNPolicy", "BNPolicyCallback",
     "choose_bn_policy", "decide_bn_policy", "FineTuneRecord", "PhaseRecord", "RangeTestResult",
     "DEFAULT_FALLBACK_LR", "FineTuneCallback", "PlateauRule", "StopAtTarget", "UnfreezeOnPlateau",
+    "WeightDiagnostics", "layer_weights", "relative_change",
     "learner_snapshot", "range_test", "restore_learner", "cut_body", "new_head_learner", "simple_head",
 ]

@@ -24,12 +24,19 @@ BN_TYPES: tuple[type, ...] = (_BatchNorm,)
 
 
 class BNAffine(nn.Module):
-    """A trainable per-channel affine map `y = weight * x + bias`, broadcast over dim 1.
+    """A trainable per-channel affine map `y = gamma' * x + beta'`, broadcast over dim 1.
 
     It stands in for a BatchNorm layer whose statistics are fixed: `BNAffine.from_bn(bn)` gives
-    exactly the eval-mode output of `bn`, with `weight = gamma / sqrt(var + eps)` and
-    `bias = beta - mean * weight`. It has no buffers and behaves the same in train and eval mode,
-    so it is safe at any batch size.
+    exactly the eval-mode output of `bn`, with `gamma' = gamma / sqrt(var + eps)` and
+    `beta' = beta - mean * gamma'`. It has no statistics and behaves the same in train and eval
+    mode, so it is safe at any batch size.
+
+    `gamma'` is stored as `weight * scale`, with `scale` a fixed buffer. By default
+    (`preconditioned=True`) `scale = 1 / sqrt(var + eps)` and `weight = gamma`: the trainable
+    parameters then have the same scale, and get the same gradient steps, as the BN layer's own
+    `gamma` and `beta`. Training `gamma'` directly (`preconditioned=False`, `scale = 1`) multiplies
+    the effective step on a channel by its variance, which is unstable where the pre-BN activations
+    are large. Either way `effective_weight` is `gamma'` and `bias` is `beta'`.
     """
 
     def __init__(self, num_features: int, source: str = "BatchNorm2d",
@@ -40,9 +47,15 @@ class BNAffine(nn.Module):
         self.num_features, self.source = num_features, source
         self.weight = nn.Parameter(torch.ones(num_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
+        self.register_buffer("scale", torch.ones(num_features, device=device, dtype=dtype))
+
+    @property
+    def effective_weight(self) -> torch.Tensor:
+        "gamma' = weight * scale, the per-channel factor applied to the input."
+        return self.weight * self.scale
 
     @classmethod
-    def from_bn(cls, bn: _BatchNorm) -> BNAffine:
+    def from_bn(cls, bn: _BatchNorm, preconditioned: bool = True) -> BNAffine:
         "The affine layer that reproduces `bn` in eval mode (float64 arithmetic, cast back)."
         if not isinstance(bn, BN_TYPES):
             raise TypeError(f"expected a BatchNorm layer, got {type(bn).__name__}")
@@ -55,11 +68,15 @@ class BNAffine(nn.Module):
         mean, var = bn.running_mean.double(), bn.running_var.double()
         gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(mean)
         beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(mean)
-        scale = gamma / torch.sqrt(var + bn.eps)
+        inv_std = 1 / torch.sqrt(var + bn.eps)
         layer = cls(bn.num_features, type(bn).__name__, device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
-            layer.weight.copy_(scale.to(ref.dtype))
-            layer.bias.copy_((beta - mean * scale).to(ref.dtype))
+            if preconditioned:
+                layer.weight.copy_(gamma.to(ref.dtype))
+                layer.scale.copy_(inv_std.to(ref.dtype))
+            else:
+                layer.weight.copy_((gamma * inv_std).to(ref.dtype))
+            layer.bias.copy_((beta - mean * gamma * inv_std).to(ref.dtype))
         layer.weight.requires_grad_(bn.weight.requires_grad if bn.weight is not None else True)
         layer.bias.requires_grad_(bn.bias.requires_grad if bn.bias is not None else True)
         layer.train(bn.training)
@@ -70,7 +87,7 @@ class BNAffine(nn.Module):
             raise ValueError(f"BNAffine({self.num_features}) expects input of shape (N, "
                              f"{self.num_features}, ...), got {tuple(x.shape)}")
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        return torch.addcmul(self.bias.view(shape), x, self.weight.view(shape))
+        return torch.addcmul(self.bias.view(shape), x, self.effective_weight.view(shape))
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, folded_from={self.source}"
@@ -115,10 +132,11 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def fold_bn(model: nn.Module, strict: bool = True) -> FoldReport:
+def fold_bn(model: nn.Module, strict: bool = True, preconditioned: bool = True) -> FoldReport:
     """Replace every BatchNorm layer of `model`, in place, by the equivalent trainable `BNAffine`.
 
     The folded model's output equals the eval-mode model's output (float32: to about 1e-6).
+    `preconditioned` chooses how `BNAffine` stores gamma' (see there; the output is the same).
     A layer with `track_running_stats=False` raises `ValueError` when `strict`, else it is skipped
     and named in the report. A model without BN layers gives an empty report (nothing to do).
     """
@@ -131,7 +149,7 @@ def fold_bn(model: nn.Module, strict: bool = True) -> FoldReport:
                 BNAffine.from_bn(bn)  # raises with the explanation
             report.skipped[name] = "track_running_stats=False"
             continue
-        _set_submodule(model, name, BNAffine.from_bn(bn))
+        _set_submodule(model, name, BNAffine.from_bn(bn, preconditioned))
         report.folded.append(name)
     return report
 
@@ -333,7 +351,7 @@ def fuse_conv_bn(model: nn.Module, channels_last: bool = False) -> tuple[nn.Modu
         conv, bn = mods[conv_name], mods[bn_name]
         if isinstance(bn, BNAffine):
             rm, rv, eps = torch.zeros_like(bn.weight), torch.ones_like(bn.weight), 0.0
-            w, b = bn.weight, bn.bias
+            w, b = bn.effective_weight, bn.bias
         else:
             if not bn.track_running_stats:
                 continue

@@ -95,27 +95,28 @@ def choose_bn_policy(batch_size: int | None, shift: float | None = None, freeze_
                      min_batch: int = MIN_BN_BATCH, max_shift: float = MAX_BN_SHIFT) -> BNDecision:
     """The automatic choice.
 
-    - measured shift above `max_shift`: the pretrained statistics do not describe the new data, so
-      re-estimate them on it and fold (`adapt`);
-    - batch below `min_batch`: batch statistics are too noisy, so keep the pretrained ones
-      (`frozen` when `freeze_bn=True`, else `fold`, which still trains the affine parameters);
-    - otherwise: `train` (fastai's default), or `frozen` when `freeze_bn=True`.
+    - batch of `min_batch` or more: batch statistics can be trusted, and training with them also
+      moves the running statistics to the new data, whatever the shift: `train` (`frozen` when
+      `freeze_bn=True`);
+    - smaller batch, measured shift above `max_shift`: the pretrained statistics do not describe the
+      new data and batch statistics are too noisy, so re-estimate them over the whole training set
+      and fold (`adapt`);
+    - smaller batch, small shift: keep the pretrained statistics (`fold`, which still trains the
+      affine parameters; `frozen` when `freeze_bn=True`).
     """
+    shift_txt = f"measured BN shift {shift:.2f} nats" if shift is not None else "shift not measured"
+    if batch_size is None or batch_size >= min_batch:
+        pol = BNPolicy.FROZEN if freeze_bn else BNPolicy.TRAIN
+        bs_txt = f"batch size {batch_size} >= {min_batch}" if batch_size is not None else "batch size unknown"
+        return BNDecision(pol, bool(freeze_bn), f"{bs_txt}: batch statistics can be trusted and adapt the "
+                          f"running statistics as they train ({shift_txt})", batch_size, shift)
+    small = f"batch size {batch_size} < {min_batch}: batch statistics are too noisy"
     if shift is not None and shift > max_shift:
-        reason = (f"measured BN shift {shift:.2f} nats > {max_shift}: the new data is far from the "
-                  "pretraining data, so its statistics are re-estimated, then folded")
-        if batch_size is not None and batch_size < min_batch:
-            reason += f" (batch size {batch_size} < {min_batch} also rules out batch statistics)"
-        return BNDecision(BNPolicy.ADAPT, bool(freeze_bn), reason, batch_size, shift)
-    shift_txt = f", shift {shift:.2f} nats <= {max_shift}" if shift is not None else ""
-    if batch_size is not None and batch_size < min_batch:
-        pol = BNPolicy.FROZEN if freeze_bn else BNPolicy.FOLD
-        return BNDecision(pol, bool(freeze_bn) or pol is BNPolicy.FROZEN,
-                          f"batch size {batch_size} < {min_batch}: batch statistics are too noisy, the "
-                          f"pretrained statistics are kept{shift_txt}", batch_size, shift)
-    pol = BNPolicy.FROZEN if freeze_bn else BNPolicy.TRAIN
-    bs_txt = f"batch size {batch_size} >= {min_batch}" if batch_size is not None else "batch size unknown"
-    return BNDecision(pol, bool(freeze_bn), f"{bs_txt}{shift_txt}: batch statistics can be trusted",
+        return BNDecision(BNPolicy.ADAPT, bool(freeze_bn), f"{small}, and the {shift_txt} > {max_shift}: "
+                          "statistics re-estimated on the new data, then folded", batch_size, shift)
+    pol = BNPolicy.FROZEN if freeze_bn else BNPolicy.FOLD
+    return BNDecision(pol, bool(freeze_bn) or pol is BNPolicy.FROZEN,
+                      f"{small}; {shift_txt} <= {max_shift}: the pretrained statistics are kept",
                       batch_size, shift)
 
 

@@ -19,14 +19,7 @@ import numpy as np
 import torch
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.progress import ProgressCallback
-from fastai.callback.schedule import (
-    ParamScheduler,
-    combined_cos,
-    minimum,
-    slide,
-    steep,
-    valley,
-)
+from fastai.callback.schedule import LRFinder, ParamScheduler, combined_cos, minimum, slide, steep, valley
 from fastai.learner import Learner
 from fastcore.basics import patch
 from fastcore.foundation import L
@@ -37,7 +30,7 @@ from .policy import BNPolicyCallback, decide_bn_policy
 from .record import FineTuneRecord, PhaseRecord, RangeTestResult
 
 __all__ = ["SUGGESTERS", "learner_snapshot", "restore_learner", "range_test", "PlateauRule",
-           "StopAtTarget", "UnfreezeOnPlateau", "FineTuneCallback", "DEFAULT_FALLBACK_LR"]
+           "StopAtTarget", "UnfreezeOnPlateau", "FineTuneCallback", "DEFAULT_FALLBACK_LR", "RangeTestFinder"]
 
 SUGGESTERS: dict[str, Callable] = {"valley": valley, "steep": steep, "minimum": minimum, "slide": slide}
 DEFAULT_FALLBACK_LR = 1e-4
@@ -56,7 +49,7 @@ def _suggester(suggest: str | Callable) -> tuple[str, Callable]:
 
 # ---------------------------------------------------------------- snapshot / restore ----------
 _LEARN_ATTRS = ("epoch", "n_epoch", "iter", "n_iter", "train_iter", "pct_train", "training", "loss",
-                "final_record", "dl", "xb", "yb", "pred", "loss_grad")
+                "smooth_loss", "final_record", "dl", "xb", "yb", "pred", "loss_grad")
 _REC_ATTRS = ("lrs", "iters", "losses", "values", "hps", "log", "cancel_train", "cancel_valid")
 
 
@@ -127,10 +120,49 @@ def _pause_in_probe(cb) -> bool:
     return isinstance(cb, (ParamScheduler, ProgressCallback)) or getattr(cb, "_pause_in_probe", False)
 
 
+class RangeTestFinder(LRFinder):
+    """fastai's `LRFinder` with two changes for use inside `range_test`.
+
+    - The divergence check (smoothed loss above 4x the best) starts after the first `skip`
+      iterations, the part of the curve the suggestion discards anyway. A warmed-up head on small
+      batches can show a near-zero loss on one batch and a normal one on the next, which otherwise
+      stops the test at iteration 2.
+    - No file save and reload: `range_test` restores everything from memory.
+    """
+
+    def __init__(self, start_lr=1e-7, end_lr=10, num_it=100, stop_div=True, skip: int = 10):
+        super().__init__(start_lr, end_lr, num_it, stop_div)
+        self.skip = skip
+
+    @property
+    def name(self):  # `learn.lr_finder`, which fastai's and our callbacks check to stay out of the way
+        return "lr_finder"
+
+    def before_fit(self):
+        ParamScheduler.before_fit(self)
+        self.best_loss = float("inf")
+
+    def after_batch(self):
+        ParamScheduler.after_batch(self)
+        if self.train_iter > self.skip:
+            if self.smooth_loss < self.best_loss:
+                self.best_loss = self.smooth_loss
+            if self.stop_div and self.smooth_loss > 4 * self.best_loss:
+                raise CancelFitException()
+        if self.train_iter >= self.num_it:
+            raise CancelFitException()
+
+    def after_fit(self):
+        self.learn.opt.zero_grad()
+
+
 def range_test(learn: Learner, suggest: str | Callable = "valley", start_lr: float = 1e-7, end_lr: float = 10,
                num_it: int = 100, stop_div: bool = True, fallback_lr: float | None = DEFAULT_FALLBACK_LR,
                ) -> RangeTestResult:
     """fastai's `lr_find` on the Learner as it is now (frozen or not), leaving nothing changed.
+
+    The sweep is fastai's (`RangeTestFinder`: exponential rates, smoothed loss, the same curve cut
+    and suggestion functions), with the divergence check starting after the discarded first tenth.
 
     Weights, BN statistics, optimizer state, `requires_grad`, module modes, the recorder's history
     and the random states are restored bit for bit afterwards (see `learner_snapshot`). It may be
@@ -145,9 +177,9 @@ def range_test(learn: Learner, suggest: str | Callable = "valley", start_lr: flo
     snap = learner_snapshot(learn)
     paused = [cb for cb in learn.cbs if _pause_in_probe(cb)]
     try:
-        with learn.removed_cbs(paused):
-            learn.lr_find(start_lr=start_lr, end_lr=end_lr, num_it=num_it, stop_div=stop_div,
-                          show_plot=False, suggest_funcs=None)
+        finder = RangeTestFinder(start_lr, end_lr, num_it, stop_div, skip=num_it // 10)
+        with learn.removed_cbs(paused), learn.no_logging():
+            learn.fit(num_it // len(learn.dls.train) + 1, cbs=finder)
         full_lrs = [float(x) for x in learn.recorder.lrs]
         full_losses = [float(x) for x in learn.recorder.losses]
     finally:
@@ -160,8 +192,9 @@ def range_test(learn: Learner, suggest: str | Callable = "valley", start_lr: flo
         lrs, losses = lrs[:int(bad.min())], losses[:int(bad.min())]
     reason = ""
     if len(losses) < 5:
-        reason = (f"the loss diverged after {len(full_losses)} of {num_it} iterations, leaving "
-                  f"{len(losses)} usable points")
+        how = ("became NaN or infinite" if len(bad) else
+               f"diverged (stopped after {len(full_losses)} of {num_it} iterations)")
+        reason = f"the loss {how}, leaving {len(losses)} usable points"
     else:
         try:
             lr, point = func(lrs, losses, num_it)

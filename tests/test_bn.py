@@ -79,10 +79,14 @@ def test_fold_formula_and_syncbn():
         bn.running_var.uniform_(0.5, 2)
         bn.weight.uniform_(0.5, 2)
         bn.bias.uniform_(-1, 1)
-    aff = BNAffine.from_bn(bn)
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    assert_close(aff.weight.detach(), scale.detach())
-    assert_close(aff.bias.detach(), (bn.bias - bn.running_mean * scale).detach())
+    for pre in (True, False):
+        aff = BNAffine.from_bn(bn, preconditioned=pre)
+        assert_close(aff.effective_weight.detach(), scale.detach())
+        assert_close(aff.bias.detach(), (bn.bias - bn.running_mean * scale).detach())
+    assert_close(aff.weight.detach(), scale.detach())  # preconditioned=False: gamma' is the parameter
+    pre = BNAffine.from_bn(bn)
+    assert_close(pre.weight.detach(), bn.weight.detach())  # preconditioned: gamma is, times a fixed buffer
     ref = nn.BatchNorm2d(5, eps=1e-3)
     ref.load_state_dict(bn.state_dict())
     x = torch.randn(3, 5, 4, 4)
