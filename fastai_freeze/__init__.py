@@ -24,7 +24,17 @@ from .bn import (
                  set_bn_eval,
 )
 from .diagnostics import WeightDiagnostics, layer_weights, relative_change
-from .freeze import BNSplitter, body_bn_layers, check_splittable, frozen_state, rebuild_optimizer
+from .features import CachedWarmup, FeatureCache, augmentations, cached_warmup, compute_features
+from .freeze import (
+                 BNSplitter,
+                 FrozenBodyShortcut,
+                 body_bn_layers,
+                 check_splittable,
+                 frozen_prefix,
+                 frozen_state,
+                 rebuild_optimizer,
+)
+from .inference import ChannelsLast, inference_model
 from .policy import (
                  MAX_BN_SHIFT,
                  MIN_BN_BATCH,
@@ -56,6 +66,7 @@ __all__ = [
     "rebuild_optimizer", "MAX_BN_SHIFT", "MIN_BN_BATCH", "BNDecision", "BNPolicy", "BNPolicyCallback",
     "choose_bn_policy", "decide_bn_policy", "FineTuneRecord", "PhaseRecord", "RangeTestResult",
     "DEFAULT_FALLBACK_LR", "FineTuneCallback", "PlateauRule", "StopAtTarget", "UnfreezeOnPlateau",
-    "WeightDiagnostics", "layer_weights", "relative_change",
+    "CachedWarmup", "FeatureCache", "augmentations", "cached_warmup", "compute_features", "ChannelsLast",
+    "inference_model", "FrozenBodyShortcut", "frozen_prefix", "WeightDiagnostics", "layer_weights", "relative_change",
     "learner_snapshot", "range_test", "restore_learner", "cut_body", "new_head_learner", "simple_head",
 ]

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
+from fastai.callback.core import Callback
 from fastai.learner import Learner
 from fastcore.basics import patch
 from fastcore.foundation import L
@@ -15,7 +17,7 @@ from torch import nn
 from .bn import bn_layers
 
 __all__ = ["check_splittable", "body_bn_layers", "set_frozen_bn_trainable", "frozen_state", "BNSplitter",
-           "rebuild_optimizer"]
+           "rebuild_optimizer", "frozen_prefix", "FrozenBodyShortcut"]
 
 _SPLITTER_HINT = (
     "Give the Learner a splitter that returns [body_params, head_params], for example "
@@ -161,3 +163,74 @@ def rebuild_optimizer(learn: Learner) -> None:
         if id(p) in survivors and st:
             new.state[p] = {**new.state.get(p, {}), **st}
     new.frozen_idx = getattr(old, "frozen_idx", 0)
+
+
+def frozen_prefix(model: nn.Module) -> list[nn.Module]:
+    """The leading modules of a `Sequential` model whose parameters are all frozen, in order.
+
+    A partly frozen `Sequential` child is descended into (gradual unfreezing leaves the early layers of
+    the body frozen); the walk stops at the first module with a trainable parameter. A model that is
+    not a `Sequential` gives `[]`: its execution order is unknown.
+    """
+    out: list[nn.Module] = []
+
+    def walk(seq: nn.Sequential) -> bool:
+        for child in seq.children():
+            if not any(p.requires_grad for p in child.parameters()):
+                out.append(child)
+            elif isinstance(child, nn.Sequential):
+                walk(child)
+                return False
+            else:
+                return False
+        return True
+
+    if isinstance(model, nn.Sequential):
+        walk(model)
+    return out
+
+
+class FrozenBodyShortcut(Callback):
+    """Run the frozen leading part of the model without autograd during training batches.
+
+    While nothing in that part trains, its forward pass builds no graph and keeps no activations for
+    backward (`torch.no_grad` around each frozen module, through hooks registered for the training
+    phase of each epoch and removed after it). As soon as a parameter there is trainable again, that
+    module leaves the shortcut at the next epoch. Results are identical to the normal path. fastai
+    runs no event when a fit dies of an ordinary exception: `fine_tune_with` then calls
+    `remove_hooks()` itself; in a plain fit, call it yourself.
+    """
+    order = 0
+    _pause_in_probe = False
+
+    def __init__(self):
+        self._handles: list = []
+        self.modules: list[nn.Module] = []
+
+    def before_train(self):
+        self.remove_hooks()
+        self.modules = [m for m in frozen_prefix(self.learn.model) if any(True for _ in m.parameters())]
+        for m in self.modules:
+            self._handles.append(m.register_forward_pre_hook(_grad_off))
+            self._handles.append(m.register_forward_hook(_grad_back, always_call=True))
+
+    def after_train(self):
+        self.remove_hooks()
+
+    def after_fit(self):
+        self.remove_hooks()
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def _grad_off(mod, args):
+    mod._fastai_freeze_grad = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)
+
+
+def _grad_back(mod, args, out):
+    torch.set_grad_enabled(getattr(mod, "_fastai_freeze_grad", True))
+    return out

@@ -25,16 +25,23 @@ from fastcore.basics import patch
 from fastcore.foundation import L
 from fastcore.meta import delegates
 
-from .freeze import check_splittable, set_frozen_bn_trainable
-from .policy import BNPolicyCallback, decide_bn_policy
+from .features import cached_warmup
+from .freeze import FrozenBodyShortcut, check_splittable, set_frozen_bn_trainable
+from .policy import BNPolicy, BNPolicyCallback, decide_bn_policy
 from .record import FineTuneRecord, PhaseRecord, RangeTestResult
 
 __all__ = ["SUGGESTERS", "learner_snapshot", "restore_learner", "range_test", "PlateauRule",
-           "StopAtTarget", "UnfreezeOnPlateau", "FineTuneCallback", "DEFAULT_FALLBACK_LR", "RangeTestFinder"]
+           "StopAtTarget", "UnfreezeOnPlateau", "FineTuneCallback", "DEFAULT_FALLBACK_LR", "DEFAULT_MAX_PASSES",
+           "RangeTestFinder"]
 
 SUGGESTERS: dict[str, Callable] = {"valley": valley, "steep": steep, "minimum": minimum, "slide": slide}
-DEFAULT_FALLBACK_LR = 1e-4
-"Rate used (with a warning) when a range test on the unfrozen model gives no usable curve."
+DEFAULT_FALLBACK_LR = 1e-3
+"""Rate used (with a warning) when a range test gives no usable curve: fastai's `fine_tune` rule for
+the unfrozen phase (`base_lr / 2` with its default `base_lr=2e-3`)."""
+DEFAULT_MAX_PASSES = 3.0
+"""A range test that would go over the training set more than this many times is not run: its
+curve would mostly show the model memorising a few batches (the loss falls because the same
+images come back, whatever the rate), which pushes every suggestion far to the left."""
 
 
 def _suggester(suggest: str | Callable) -> tuple[str, Callable]:
@@ -120,6 +127,13 @@ def _pause_in_probe(cb) -> bool:
     return isinstance(cb, (ParamScheduler, ProgressCallback)) or getattr(cb, "_pause_in_probe", False)
 
 
+def _fallback(name, reason, fallback_lr, lrs, losses, full_lrs, full_losses, seconds) -> RangeTestResult:
+    if fallback_lr is None:
+        raise RuntimeError(f"range test unusable: {reason}")
+    warnings.warn(f"range test unusable: {reason}; falling back to lr={fallback_lr:g}", stacklevel=3)
+    return RangeTestResult(lrs, losses, name, float(fallback_lr), None, True, reason, full_lrs, full_losses, seconds)
+
+
 class RangeTestFinder(LRFinder):
     """fastai's `LRFinder` with two changes for use inside `range_test`.
 
@@ -158,7 +172,7 @@ class RangeTestFinder(LRFinder):
 
 def range_test(learn: Learner, suggest: str | Callable = "valley", start_lr: float = 1e-7, end_lr: float = 10,
                num_it: int = 100, stop_div: bool = True, fallback_lr: float | None = DEFAULT_FALLBACK_LR,
-               ) -> RangeTestResult:
+               max_passes: float | None = DEFAULT_MAX_PASSES) -> RangeTestResult:
     """fastai's `lr_find` on the Learner as it is now (frozen or not), leaving nothing changed.
 
     The sweep is fastai's (`RangeTestFinder`: exponential rates, smoothed loss, the same curve cut
@@ -168,11 +182,19 @@ def range_test(learn: Learner, suggest: str | Callable = "valley", start_lr: flo
     and the random states are restored bit for bit afterwards (see `learner_snapshot`). It may be
     called inside a running fit (the callbacks of that fit are paused meanwhile). If the curve is
     unusable (it diverged at once or is NaN), `fallback_lr` is used with a warning; with
-    `fallback_lr=None` a `RuntimeError` is raised instead.
+    `fallback_lr=None` a `RuntimeError` is raised instead. The same happens, without running the
+    sweep, when `num_it` iterations would go over the training set more than `max_passes` times
+    (see `DEFAULT_MAX_PASSES`; `None` runs it whatever the data size).
     """
     name, func = _suggester(suggest)
     if num_it < 20:
         raise ValueError(f"num_it={num_it}: a range test needs at least 20 iterations for a usable curve")
+    n_batches = len(learn.dls.train)
+    if max_passes is not None and num_it > max_passes * n_batches:
+        reason = (f"{num_it} iterations would go over the {n_batches}-batch training set "
+                  f"{num_it / n_batches:.0f} times (> {max_passes:g}): the curve would show memorisation "
+                  "rather than the rate")
+        return _fallback(name, reason, fallback_lr, [], [], [], [], 0.0)
     t0 = time.perf_counter()
     snap = learner_snapshot(learn)
     paused = [cb for cb in learn.cbs if _pause_in_probe(cb)]
@@ -204,11 +226,8 @@ def range_test(learn: Learner, suggest: str | Callable = "valley", start_lr: flo
         except Exception as e:  # noqa: BLE001 - a suggester failing on an odd curve is a fallback case
             reason = f"the {name} suggestion failed on this curve ({type(e).__name__}: {e})"
     if reason:
-        if fallback_lr is None:
-            raise RuntimeError(f"range test unusable: {reason}")
-        warnings.warn(f"range test unusable: {reason}; falling back to lr={fallback_lr:g}", stacklevel=2)
-        return RangeTestResult(lrs.tolist(), losses.tolist(), name, float(fallback_lr), None, True, reason,
-                               full_lrs, full_losses, time.perf_counter() - t0)
+        return _fallback(name, reason, fallback_lr, lrs.tolist(), losses.tolist(), full_lrs, full_losses,
+                         time.perf_counter() - t0)
     pt = (float(point[0]), float(point[1])) if point is not None else None
     return RangeTestResult(lrs.tolist(), losses.tolist(), name, lr, pt, False, "", full_lrs, full_losses,
                            time.perf_counter() - t0)
@@ -301,6 +320,10 @@ class StopAtTarget(Callback):
             self.learn.model.load_state_dict(self._state)
 
 
+def _lr_source(rt: RangeTestResult) -> str:
+    return f"fallback ({rt.method} unusable)" if rt.fell_back else f"range test ({rt.method})"
+
+
 def _trainable_groups(learn: Learner) -> list[str]:
     "Per group: 'T' everything trains, 'b' only its BN parameters train, '.' frozen ('p': some other part)."
     from .bn import bn_parameters
@@ -353,7 +376,8 @@ class FineTuneCallback(Callback):
     def __init__(self, unfreeze_epoch: int = 1, plateau: bool = False, patience: int = 1,
                  min_delta: float = 0.0, suggest: str | Callable = "valley", lr_mult: float = 100,
                  freeze_bn: bool = False, pct_start: float = 0.3, div: float = 5.0, div_final: float = 1e5,
-                 fallback_lr: float | None = DEFAULT_FALLBACK_LR, num_it: int = 100):
+                 fallback_lr: float | None = DEFAULT_FALLBACK_LR, num_it: int = 100,
+                 max_passes: float | None = DEFAULT_MAX_PASSES):
         if unfreeze_epoch < 1:
             raise ValueError(f"unfreeze_epoch must be >= 1 (epochs trained frozen), got {unfreeze_epoch}")
         if lr_mult < 1:
@@ -363,7 +387,7 @@ class FineTuneCallback(Callback):
         self.rule_args = (patience, min_delta)
         self.suggest, self.lr_mult, self.freeze_bn = suggest, lr_mult, freeze_bn
         self.pct_start, self.div, self.div_final = pct_start, div, div_final
-        self.fallback_lr, self.num_it = fallback_lr, num_it
+        self.fallback_lr, self.num_it, self.max_passes = fallback_lr, num_it, max_passes
         self.record = FineTuneRecord()
 
     def before_fit(self):
@@ -409,7 +433,8 @@ class FineTuneCallback(Callback):
         self._close_phase(reason)
         self.record.unfroze_at_epoch, self.record.unfreeze_reason = self.epoch + 1, reason
         self.learn.unfreeze()
-        rt = range_test(self.learn, self.suggest, num_it=self.num_it, fallback_lr=self.fallback_lr)
+        rt = range_test(self.learn, self.suggest, num_it=self.num_it, fallback_lr=self.fallback_lr,
+                        max_passes=self.max_passes)
         top = rt.suggestion
         self.learn.opt.set_hyper("lr", slice(top / self.lr_mult, top))
         lr_max = np.array([h["lr"] for h in self.learn.opt.hypers])
@@ -419,7 +444,7 @@ class FineTuneCallback(Callback):
             sched.scheds["lr"] = _Resumed(combined_cos(self.pct_start, lr_max / self.div, lr_max,
                                                        lr_max / self.div_final), start)
         self.unfrozen = True
-        self._open_phase("unfrozen", self.n_epoch - self.epoch - 1, f"range test ({rt.method})", rt)
+        self._open_phase("unfrozen", self.n_epoch - self.epoch - 1, _lr_source(rt), rt)
 
     def _scheduler(self) -> ParamScheduler | None:
         return next((cb for cb in self.learn.cbs if isinstance(cb, ParamScheduler)), None)
@@ -454,15 +479,33 @@ def _run_phase(learn: Learner, record: FineTuneRecord, name: str, epochs: int, l
     return phase
 
 
+def _cached_phase(learn: Learner, record: FineTuneRecord, epochs: int, lr: float, lr_source: str,
+                  rt: RangeTestResult | None, memory_budget: int, fit_kwargs: dict) -> PhaseRecord:
+    "The warm-up on cached body features, recorded like a phase."
+    phase = PhaseRecord("warm-up", epochs, [0.0] * (len(learn.opt.param_lists) - 1) + [float(lr)],
+                        _trainable_groups(learn), str(record.bn.policy), lr_source, range_test=rt)
+    record.phases.append(phase)
+    cw = cached_warmup(learn, epochs, lr, memory_budget, **fit_kwargs)
+    phase.epochs_run, phase.values, phase.metric_names = len(cw.values), cw.values, cw.metric_names
+    phase.losses, phase.iter_lrs = cw.losses, cw.iter_lrs
+    phase.seconds = cw.feature_seconds + cw.fit_seconds
+    where = "on disk (memory-mapped)" if cw.on_disk else "in memory"
+    phase.end_reason = (f"{phase.epochs_run} epoch(s) on cached features ({cw.nbytes / 2**20:.1f} MiB {where}, "
+                        f"computed in {cw.feature_seconds:.1f}s)")
+    return phase
+
+
 @patch
 @delegates(Learner.fit_one_cycle)
 def fine_tune_with(self: Learner, epochs: int, base_lr: float | None = 2e-3, freeze_epochs: int = 1,
                    bn: str = "auto", freeze_bn: bool | None = None, unfreeze: str = "epochs",
                    patience: int = 1, min_delta: float = 0.0, suggest: str | Callable = "valley",
-                   lr_mult: float = 100, fallback_lr: float | None = DEFAULT_FALLBACK_LR,
+                   lr_mult: float = 100, fallback_lr: float | None = None,
+                   max_passes: float | None = DEFAULT_MAX_PASSES,
                    target: float | None = None, monitor: str | None = None, keep_best: bool = False,
                    gradual: bool | float = False, pct_start: float = 0.3, div: float = 5.0,
-                   num_it: int = 100, **kwargs) -> FineTuneRecord:
+                   num_it: int = 100, cache_features: bool = False, memory_budget: int = 1 << 30,
+                   shortcut: bool = True, **kwargs) -> FineTuneRecord:
     """Fine-tune with a warm-up, an informed unfreeze and a range test on the unfrozen model.
 
     - BN: `bn` names a policy ('auto', the default, decides from the batch size and the measured
@@ -477,8 +520,16 @@ def fine_tune_with(self: Learner, epochs: int, base_lr: float | None = 2e-3, fre
       `epochs` at `slice(lr/lr_mult, lr)` with one cycle (`pct_start`, `div` as in `fine_tune`).
       `target` with `monitor` (e.g. 'accuracy') stops once reached; `keep_best` loads the best
       epoch's weights at the end.
+    - When the range test is unusable (it diverges at once, gives NaN, or would go over the training
+      set more than `max_passes` times, where its curve shows memorisation rather than the rate),
+      `fallback_lr` is used with a warning; by default fastai's own rule, `base_lr / 2`.
     - `gradual=True`: unfreeze one more group per stage (one epoch each, each with its own range
       test), out of `epochs`; a float instead divides the previous stage's rate by it per stage.
+
+    - Speed: `shortcut` runs the frozen part of the body without autograd (`FrozenBodyShortcut`);
+      `cache_features=True` computes the body's features once and warms the head up on them
+      (`cached_warmup`; it needs un-augmented data and implies `freeze_bn=True`), spilling to a
+      memory-mapped file beyond `memory_budget` bytes.
 
     Returns (and keeps as `learn.fine_tune_record`) the record of every decision.
     """
@@ -497,9 +548,19 @@ def fine_tune_with(self: Learner, epochs: int, base_lr: float | None = 2e-3, fre
     if not isinstance(gradual, bool) and (not isinstance(gradual, (int, float)) or gradual <= 1):
         raise ValueError(f"gradual must be True/False or a ratio > 1 between stages' rates, got {gradual!r}")
     _suggester(suggest)
+    if fallback_lr is None:  # fastai's own rule for the unfrozen phase
+        fallback_lr = base_lr / 2 if base_lr is not None else DEFAULT_FALLBACK_LR
     if "lr_max" in kwargs:
         raise ValueError("lr_max is not taken: fine_tune_with chooses its rates; give the warm-up rate as base_lr; the unfrozen "
                          "rate comes from the range test (or fallback_lr)")
+    if cache_features:
+        if freeze_bn is False or BNPolicy.parse(bn) is BNPolicy.TRAIN:
+            raise ValueError("cache_features needs a body that does not change during the warm-up: BN parameters "
+                             "frozen and no batch statistics; drop freeze_bn=False / bn='train', or drop "
+                             "cache_features")
+        if unfreeze == "plateau":
+            raise ValueError("cache_features warms up for a fixed number of epochs: use unfreeze='epochs'")
+        freeze_bn = True
     check_splittable(self)
 
     record = FineTuneRecord()
@@ -508,6 +569,9 @@ def fine_tune_with(self: Learner, epochs: int, base_lr: float | None = 2e-3, fre
     policy_cb = BNPolicyCallback(decision.policy, decision.freeze_bn)
     policy_cb.decision = decision
     self.add_cb(policy_cb)
+    shortcut_cb = FrozenBodyShortcut() if shortcut else None
+    if shortcut_cb is not None:
+        self.add_cb(shortcut_cb)
     user_cbs = list(L(kwargs.pop("cbs", None)))
     self.fine_tune_record = record
     try:
@@ -516,8 +580,8 @@ def fine_tune_with(self: Learner, epochs: int, base_lr: float | None = 2e-3, fre
         # warm-up
         if freeze_epochs:
             if base_lr is None:
-                rt = range_test(self, suggest, num_it=num_it, fallback_lr=fallback_lr)
-                warm_lr, src = rt.suggestion, f"range test ({rt.method}), frozen"
+                rt = range_test(self, suggest, num_it=num_it, fallback_lr=fallback_lr, max_passes=max_passes)
+                warm_lr, src = rt.suggestion, _lr_source(rt) + ", frozen"
             else:
                 rt, warm_lr, src = None, base_lr, "base_lr"
             cbs = list(user_cbs)
@@ -525,8 +589,12 @@ def fine_tune_with(self: Learner, epochs: int, base_lr: float | None = 2e-3, fre
             if unfreeze == "plateau":
                 plateau_cb = UnfreezeOnPlateau("valid_loss", patience, min_delta)
                 cbs.append(plateau_cb)
-            phase = _run_phase(self, record, "warm-up", freeze_epochs, slice(warm_lr), src, rt,
-                               {**kwargs, "pct_start": 0.99}, cbs)
+            if cache_features:
+                phase = _cached_phase(self, record, freeze_epochs, warm_lr, src, rt, memory_budget,
+                                      {**kwargs, "pct_start": 0.99})
+            else:
+                phase = _run_phase(self, record, "warm-up", freeze_epochs, slice(warm_lr), src, rt,
+                                   {**kwargs, "pct_start": 0.99}, cbs)
             if plateau_cb is not None and plateau_cb.stopped_epoch is not None:
                 phase.end_reason = (f"validation loss did not improve by more than {min_delta} for "
                                     f"{patience} epoch(s)")
@@ -541,8 +609,8 @@ def fine_tune_with(self: Learner, epochs: int, base_lr: float | None = 2e-3, fre
             self.freeze_to(k)
             set_frozen_bn_trainable(self, not decision.freeze_bn)
             if isinstance(gradual, bool) or prev_lr is None:
-                rt = range_test(self, suggest, num_it=num_it, fallback_lr=fallback_lr)
-                top, src = rt.suggestion, f"range test ({rt.method})"
+                rt = range_test(self, suggest, num_it=num_it, fallback_lr=fallback_lr, max_passes=max_passes)
+                top, src = rt.suggestion, _lr_source(rt)
             else:
                 rt, top, src = None, prev_lr / float(gradual), f"previous stage / {gradual}"
             prev_lr = top
@@ -553,8 +621,8 @@ def fine_tune_with(self: Learner, epochs: int, base_lr: float | None = 2e-3, fre
         if not isinstance(gradual, bool) and prev_lr is not None:
             rt, top, src = None, prev_lr / float(gradual), f"previous stage / {gradual}"
         else:
-            rt = range_test(self, suggest, num_it=num_it, fallback_lr=fallback_lr)
-            top, src = rt.suggestion, f"range test ({rt.method})"
+            rt = range_test(self, suggest, num_it=num_it, fallback_lr=fallback_lr, max_passes=max_passes)
+            top, src = rt.suggestion, _lr_source(rt)
         cbs = list(user_cbs)
         stop_cb = None
         if monitor is not None:
@@ -573,4 +641,7 @@ def fine_tune_with(self: Learner, epochs: int, base_lr: float | None = 2e-3, fre
         # fastai runs no event on an arbitrary exception: give back the BN modes and flags here
         policy_cb.restore()
         self.remove_cb(policy_cb)
+        if shortcut_cb is not None:
+            shortcut_cb.remove_hooks()
+            self.remove_cb(shortcut_cb)
     return record

@@ -45,7 +45,7 @@ def test_range_test_restores_everything_bitwise(make_learner):
     learn.unfreeze()
     learn.fit_one_cycle(1, 1e-4)
     before = learner_snapshot(learn)
-    rt = range_test(learn, "valley", num_it=30)
+    rt = range_test(learn, "valley", num_it=30, max_passes=None)
     after = learner_snapshot(learn)
     _bitwise_equal_snapshots(before, after)
     assert rt.suggestion > 0 and len(rt.full_lrs) > 0
@@ -55,7 +55,7 @@ def test_chosen_rate_is_the_suggestion_on_the_recorded_curve(make_learner):
     learn = make_learner(bs=16)
     learn.unfreeze()
     for name in ("valley", "steep", "minimum", "slide"):
-        rt = range_test(learn, name, num_it=40)
+        rt = range_test(learn, name, num_it=40, max_passes=None)
         lr, _ = SUGGESTERS[name](torch.tensor(rt.lrs), torch.tensor(rt.losses), 40)
         assert math.isclose(rt.suggestion, float(lr), rel_tol=1e-9), name
         assert rt.method == name and not rt.fell_back
@@ -65,10 +65,10 @@ def test_diverging_range_test_falls_back_with_a_warning(make_learner):
     learn = make_learner(bs=16)
     learn.unfreeze()
     with pytest.warns(UserWarning, match="NaN or infinite|diverged"):
-        rt = range_test(learn, start_lr=1e3, end_lr=1e6, num_it=40, fallback_lr=3e-5)
+        rt = range_test(learn, start_lr=1e3, end_lr=1e6, num_it=40, fallback_lr=3e-5, max_passes=None)
     assert rt.fell_back and rt.suggestion == 3e-5
     with pytest.raises(RuntimeError, match="unusable"):
-        range_test(learn, start_lr=1e3, end_lr=1e6, num_it=40, fallback_lr=None)
+        range_test(learn, start_lr=1e3, end_lr=1e6, num_it=40, fallback_lr=None, max_passes=None)
 
 
 def test_unknown_suggestion_method():
@@ -95,7 +95,7 @@ class PhaseSpy(Callback):
 def test_fine_tune_with_phases_and_freeze_states(make_learner):
     learn = make_learner(bs=16)
     spy = PhaseSpy()
-    rec = learn.fine_tune_with(2, base_lr=None, bn="train", freeze_epochs=1, cbs=spy, num_it=30)
+    rec = learn.fine_tune_with(2, base_lr=None, bn="train", freeze_epochs=1, cbs=spy, num_it=30, max_passes=None)
     assert [p.name for p in rec.phases] == ["warm-up", "unfrozen"]
     assert [p.epochs_run for p in rec.phases] == [1, 2]
     warm, full = spy.fits
@@ -147,7 +147,7 @@ def test_gradual_unfreezing(make_learner):
     learn = make_learner(bs=16)
     learn.split_bn()  # 3 groups: body, body BN, head
     spy = PhaseSpy()
-    rec = learn.fine_tune_with(3, base_lr=2e-3, gradual=True, bn="train", cbs=spy, num_it=30)
+    rec = learn.fine_tune_with(3, base_lr=2e-3, gradual=True, bn="train", cbs=spy, num_it=30, max_passes=None)
     assert [p.name for p in rec.phases] == ["warm-up", "stage 1", "unfrozen"]
     assert rec.phases[1].trainable_groups == [".", "T", "T"] and rec.phases[1].range_test is not None
     assert rec.phases[2].trainable_groups == ["T", "T", "T"]
@@ -205,7 +205,7 @@ def test_dropin_callback_inside_fit_one_cycle(make_learner):
     learn = make_learner(bs=16)
     spy = PhaseSpy()
     n_groups = len(learn.opt.param_lists)
-    cb = FineTuneCallback(unfreeze_epoch=1, num_it=30)
+    cb = FineTuneCallback(unfreeze_epoch=1, num_it=30, max_passes=None)
     learn.fit_one_cycle(3, 2e-3, cbs=[cb, spy])
     rec = cb.record
     assert [p.name for p in rec.phases] == ["warm-up", "unfrozen"]
@@ -246,3 +246,18 @@ def test_vision_learner_resnet18_with_weights_from_a_trained_model():
         warnings.simplefilter("ignore")
         rec = learn.fine_tune_with(1, bn="auto", num_it=30)
     assert rec.phases[-1].trainable_groups == ["T", "T", "T"]
+
+
+def test_range_test_refuses_to_measure_memorisation(make_learner):
+    learn = make_learner(bs=16)  # 96 images: 6 batches per epoch
+    learn.unfreeze()
+    before = learner_snapshot(learn)
+    with pytest.warns(UserWarning, match="go over the 6-batch training set 17 times"):
+        rt = range_test(learn, num_it=100, fallback_lr=7e-4)
+    assert rt.fell_back and rt.suggestion == 7e-4 and not rt.full_lrs
+    _bitwise_equal_snapshots(before, learner_snapshot(learn))
+    learn2 = make_learner(bs=16)
+    with pytest.warns(UserWarning):
+        rec = learn2.fine_tune_with(1, base_lr=2e-3, bn="train")
+    top = rec.phases[-1]
+    assert top.lr_source == "fallback (valley unusable)" and math.isclose(top.lrs[-1], 1e-3)

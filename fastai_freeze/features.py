@@ -1,0 +1,193 @@
+"""Cached-feature warm-up: compute the frozen body's features once, train the head on them.
+
+When nothing in the body trains and the data is not augmented, the body's output for an image is the
+same every epoch. The warm-up then costs one forward pass of the body per image, once, plus a small
+head fit per epoch. Features over a memory budget go to a memory-mapped file, removed afterwards.
+"""
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastai.callback.progress import ProgressCallback
+from fastai.data.core import DataLoaders
+from fastai.data.load import DataLoader
+from fastai.learner import Learner
+from fastai.vision.augment import RandTransform
+from torch import nn
+
+__all__ = ["augmentations", "FeatureCache", "compute_features", "cached_warmup", "CachedWarmup"]
+
+
+def augmentations(dl) -> list[str]:
+    "Names of the random, training-only transforms of a fastai DataLoader (augmentation)."
+    found = []
+    for attr in ("after_item", "before_batch", "after_batch"):
+        for t in getattr(getattr(dl, attr, None), "fs", []):
+            if isinstance(t, RandTransform) or getattr(t, "split_idx", None) == 0:
+                found.append(type(t).__name__)
+    return found
+
+
+@dataclass
+class FeatureCache:
+    "Features and targets of one dataset, in memory or in a memory-mapped file under `folder`."
+    x: torch.Tensor
+    y: torch.Tensor
+    on_disk: bool
+    folder: Path | None = None
+    nbytes: int = 0
+
+    def close(self) -> None:
+        "Drop the tensors and remove the file (if any)."
+        self.x = self.y = None
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+
+
+def _xy(b):
+    return b[0], b[1]
+
+
+@torch.no_grad()
+def compute_features(body: nn.Module, dl, memory_budget: int = 1 << 30, tmp_dir: str | None = None) -> FeatureCache:
+    """Run `body` (in eval mode, no graph) once over `dl` (in order, nothing dropped).
+
+    Features are stored in float32 in memory when they fit in `memory_budget` bytes, otherwise in a
+    memory-mapped file in a new temporary folder (under `tmp_dir`), removed by `FeatureCache.close()`.
+    The body's training flags are restored afterwards.
+    """
+    dl = dl.new(shuffle=False, drop_last=False) if hasattr(dl, "new") else dl
+    n = len(dl.dataset)
+    modes = {m: m.training for m in body.modules()}
+    body.eval()
+    cache, folder, i = None, None, 0
+    try:
+        for b in dl:
+            xb, yb = _xy(b)
+            f = body(xb).float().cpu()
+            if cache is None:
+                shape = (n,) + tuple(f.shape[1:])
+                nbytes = int(np.prod(shape)) * 4
+                ys = torch.empty((n,) + tuple(yb.shape[1:]), dtype=torch.as_tensor(yb).dtype)
+                if nbytes <= memory_budget:
+                    xs = torch.empty(shape, dtype=torch.float32)
+                else:
+                    folder = Path(tempfile.mkdtemp(prefix="fastai_freeze_features_", dir=tmp_dir))
+                    mm = np.lib.format.open_memmap(folder / "features.npy", mode="w+", dtype=np.float32,
+                                                   shape=shape)
+                    xs = torch.from_numpy(mm)
+                cache = FeatureCache(xs, ys, folder is not None, folder, nbytes)
+            k = f.shape[0]
+            cache.x[i:i + k] = f
+            cache.y[i:i + k] = torch.as_tensor(yb).cpu()
+            i += k
+    except BaseException:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    finally:
+        for m, t in modes.items():
+            m.train(t)
+    if cache is None:
+        raise ValueError("compute_features: the DataLoader yielded no batch")
+    return cache
+
+
+@dataclass
+class CachedWarmup:
+    "What `cached_warmup` did: epochs, rates, time to compute the features, where they were kept."
+    epochs: int
+    lr: float
+    feature_seconds: float
+    fit_seconds: float
+    on_disk: bool
+    nbytes: int
+    values: list = field(default_factory=list)
+    metric_names: list = field(default_factory=list)
+    losses: list = field(default_factory=list)
+    iter_lrs: list = field(default_factory=list)
+
+
+@contextmanager
+def _random_state_kept():
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+
+
+def _body_head(learn: Learner) -> tuple[nn.Module, nn.Module]:
+    m = learn.model
+    if not (isinstance(m, nn.Sequential) and len(m) == 2):
+        raise ValueError("the cached-feature warm-up needs a model `Sequential(body, head)` (what vision_learner "
+                         f"and new_head_learner build); this model is a {type(m).__name__}")
+    return m[0], m[1]
+
+
+def cached_warmup(learn: Learner, epochs: int, lr: float = 2e-3, memory_budget: int = 1 << 30,
+                  tmp_dir: str | None = None, **fit_kwargs) -> CachedWarmup:
+    """Train the head of `learn` for `epochs` on the body's cached features (one-cycle at `lr`).
+
+    Refuses (ValueError) when the training data is augmented (the features would differ every
+    epoch), when any body parameter is trainable, or when a body BN layer would use batch statistics
+    (use bn='frozen' or 'fold' with freeze_bn=True: the body then computes exactly what the cache
+    holds). The head is trained in place: the full model has it afterwards. Temporary files are
+    removed, also after an error.
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    body, head = _body_head(learn)
+    aug = augmentations(learn.dls.train)
+    if aug:
+        raise ValueError(f"the training data is augmented ({', '.join(aug)}): features differ every epoch, so "
+                         "they cannot be cached. Warm up without cache_features, or build DataLoaders "
+                         "without random transforms for the warm-up")
+    trainable = [n for n, p in body.named_parameters() if p.requires_grad]
+    if trainable:
+        raise ValueError(f"{len(trainable)} body parameters are trainable (e.g. {trainable[0]}): cached features "
+                         "need a body that does not change; freeze it fully (freeze_bn=True)")
+    t0 = time.perf_counter()
+    # computing the features consumes no random numbers: the head's fit draws the same dropout masks
+    # and batch order as the normal warm-up would
+    with _random_state_kept():
+        train = compute_features(body, learn.dls.train, memory_budget, tmp_dir)
+    try:
+        with _random_state_kept():
+            valid = compute_features(body, learn.dls.valid, memory_budget, tmp_dir)
+        try:
+            feat_secs = time.perf_counter() - t0
+            bs = getattr(learn.dls.train, "bs", 64)
+            dls = DataLoaders(DataLoader(list(zip(train.x, train.y)), bs=bs,
+                                         shuffle=getattr(learn.dls.train, "shuffle", True),
+                                         drop_last=getattr(learn.dls.train, "drop_last", False)),
+                              DataLoader(list(zip(valid.x, valid.y)), bs=getattr(learn.dls.valid, "bs", bs)),
+                              device=getattr(learn.dls, "device", None))
+            head_learn = Learner(dls, head, loss_func=learn.loss_func, opt_func=learn.opt_func,
+                                 metrics=learn.metrics, wd=learn.wd, moms=learn.moms, train_bn=learn.train_bn)
+            # show progress and log as the main Learner does (it may be inside no_bar/no_logging)
+            if not any(isinstance(c, ProgressCallback) for c in learn.cbs):
+                head_learn.remove_cbs([c for c in head_learn.cbs if isinstance(c, ProgressCallback)])
+            head_learn.logger = learn.logger
+            t1 = time.perf_counter()
+            head_learn.fit_one_cycle(epochs, lr, **fit_kwargs)
+            rec = head_learn.recorder
+            return CachedWarmup(epochs, lr, feat_secs, time.perf_counter() - t1, train.on_disk or valid.on_disk,
+                                train.nbytes + valid.nbytes, [list(v) for v in rec.values],
+                                list(rec.metric_names), [float(x) for x in rec.losses],
+                                [float(x) for x in rec.lrs])
+        finally:
+            valid.close()
+    finally:
+        train.close()
