@@ -6,6 +6,8 @@ Importing the package adds new, clearly named Learner methods (`fine_tune_with`,
 from __future__ import annotations
 
 from . import freeze as _freeze_patches  # noqa: F401  Learner.freeze_body, Learner.split_bn
+from . import inference as _inference_patches  # noqa: F401  Learner.fused_model, Learner.export_fused
+from .advisor import Advice, logme  # also Learner.suggest_strategy
 from .bn import (
                  BN_TYPES,
                  BNAffine,
@@ -67,6 +69,6 @@ __all__ = [
     "choose_bn_policy", "decide_bn_policy", "FineTuneRecord", "PhaseRecord", "RangeTestResult",
     "DEFAULT_FALLBACK_LR", "FineTuneCallback", "PlateauRule", "StopAtTarget", "UnfreezeOnPlateau",
     "CachedWarmup", "FeatureCache", "augmentations", "cached_warmup", "compute_features", "ChannelsLast",
-    "inference_model", "FrozenBodyShortcut", "frozen_prefix", "WeightDiagnostics", "layer_weights", "relative_change",
+    "inference_model", "FrozenBodyShortcut", "frozen_prefix", "Advice", "logme", "WeightDiagnostics", "layer_weights", "relative_change",
     "learner_snapshot", "range_test", "restore_learner", "cut_body", "new_head_learner", "simple_head",
 ]

@@ -23,6 +23,8 @@ from fastai.learner import Learner
 from fastai.vision.augment import RandTransform
 from torch import nn
 
+from .inference import inference_model
+
 __all__ = ["augmentations", "FeatureCache", "compute_features", "cached_warmup", "CachedWarmup"]
 
 
@@ -58,8 +60,13 @@ def _xy(b):
 
 
 @torch.no_grad()
-def compute_features(body: nn.Module, dl, memory_budget: int = 1 << 30, tmp_dir: str | None = None) -> FeatureCache:
+def compute_features(body: nn.Module, dl, memory_budget: int = 1 << 30, tmp_dir: str | None = None,
+                     fast: bool = True) -> FeatureCache:
     """Run `body` (in eval mode, no graph) once over `dl` (in order, nothing dropped).
+
+    `fast` runs an inference copy of the body instead (`inference_model`: BN fused into the convs,
+    channels-last), the same function to float precision and about 1.2x faster on CPU; the copy
+    costs one body's weights in memory while the features are computed.
 
     Features are stored in float32 in memory when they fit in `memory_budget` bytes, otherwise in a
     memory-mapped file in a new temporary folder (under `tmp_dir`), removed by `FeatureCache.close()`.
@@ -69,11 +76,12 @@ def compute_features(body: nn.Module, dl, memory_budget: int = 1 << 30, tmp_dir:
     n = len(dl.dataset)
     modes = {m: m.training for m in body.modules()}
     body.eval()
+    run = inference_model(body, channels_last=True)[0] if fast else body
     cache, folder, i = None, None, 0
     try:
         for b in dl:
             xb, yb = _xy(b)
-            f = body(xb).float().cpu()
+            f = run(xb).float().cpu().contiguous()
             if cache is None:
                 shape = (n,) + tuple(f.shape[1:])
                 nbytes = int(np.prod(shape)) * 4

@@ -15,6 +15,7 @@ from fastcore.foundation import L
 from torch import nn
 
 from .bn import bn_layers
+from .distrib import unwrap_model
 
 __all__ = ["check_splittable", "body_bn_layers", "set_frozen_bn_trainable", "frozen_state", "BNSplitter",
            "rebuild_optimizer", "frozen_prefix", "FrozenBodyShortcut"]
@@ -209,7 +210,8 @@ class FrozenBodyShortcut(Callback):
 
     def before_train(self):
         self.remove_hooks()
-        self.modules = [m for m in frozen_prefix(self.learn.model) if any(True for _ in m.parameters())]
+        model = unwrap_model(self.learn.model)
+        self.modules = [m for m in frozen_prefix(model) if any(True for _ in m.parameters())]
         for m in self.modules:
             self._handles.append(m.register_forward_pre_hook(_grad_off))
             self._handles.append(m.register_forward_hook(_grad_back, always_call=True))

@@ -173,7 +173,7 @@ def test_auto_choice_rules():
     assert choose_bn_policy(4, freeze_bn=True).policy is BNPolicy.FROZEN
     far = choose_bn_policy(4, shift=0.5)
     assert far.policy is BNPolicy.ADAPT and "0.50" in far.reason
-    assert choose_bn_policy(64, shift=0.5).policy is BNPolicy.TRAIN  # batch statistics adapt by themselves
+    assert choose_bn_policy(64, shift=0.5).policy is BNPolicy.ADAPT  # at any batch size
 
 
 @pytest.mark.parametrize("bs,expected", [(4, BNPolicy.FOLD), (32, BNPolicy.TRAIN)])
@@ -188,3 +188,39 @@ def test_policy_on_model_without_bn_is_a_clear_no_op(make_learner):
     from fastai_freeze.policy import BNDecision, apply_bn_policy_now
     learn = make_learner(bs=16)
     assert apply_bn_policy_now(learn, BNDecision(BNPolicy.TRAIN, False, "asked")) == "no module changed"
+
+
+def test_syncbatchnorm_is_handled_by_every_policy(make_learner):
+    """fastai's norm_types miss SyncBatchNorm (what distrib_ctx(sync_bn=True) converts to); ours do not.
+
+    Structural checks only: SyncBatchNorm runs forward in training mode only inside a process group.
+    """
+    import copy
+
+    from torch import nn
+
+    from fastai_freeze.bn import fold_bn
+    learn = make_learner(bs=16)
+    learn.model = nn.SyncBatchNorm.convert_sync_batchnorm(learn.model)
+    learn.create_opt()
+    learn.freeze_body(bn_trainable=True)  # freeze non-BN: SyncBN params stay trainable
+    body = [m for _, m in body_bn_layers(learn.model, learn.opt.param_lists[-1])]
+    assert body and all(isinstance(m, nn.SyncBatchNorm) for m in body)
+    assert all(p.requires_grad for m in body for p in m.parameters())
+    learn.freeze_body(bn_trainable=False)
+    assert not any(p.requires_grad for m in body for p in m.parameters())
+    cb = BNPolicyCallback("frozen")
+    learn.add_cb(cb)
+    cb.before_fit()
+    learn.model.train()
+    cb.before_train()
+    assert not any(m.training for m in body)
+    cb.after_fit()
+    learn.remove_cb(cb)
+    folded = copy.deepcopy(learn.model)
+    report = fold_bn(folded)
+    assert report.count == len([m for m in learn.model.modules() if isinstance(m, nn.SyncBatchNorm)])
+    x = torch.randn(4, 3, 32, 32)
+    learn.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(folded.eval()(x), learn.model(x), rtol=1e-4, atol=1e-5)

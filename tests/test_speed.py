@@ -152,3 +152,12 @@ def test_fused_inference_and_export(make_learner, tmp_path):
     with torch.no_grad():
         assert ((loaded.model(x) - ref).abs().max() / ref.abs().max()) < 1e-5
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.model.modules())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="mixed precision is checked on a CUDA device")
+def test_mixed_precision_on_gpu():
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    assert subprocess.run([sys.executable, str(script)]).returncode == 0
