@@ -26,7 +26,7 @@ from fastai_freeze.data import tensor_dls
 from fastai_freeze.diagnostics import WeightDiagnostics
 from fastai_freeze.features import cached_warmup
 from fastai_freeze.freeze import FrozenBodyShortcut
-from fastai_freeze.inference import inference_model
+from fastai_freeze.core.fuse import inference_model
 from fastai_freeze.policy import BNPolicyCallback
 from fastai_freeze.schedule import FineTuneCallback
 
@@ -109,7 +109,7 @@ def inference_rates(args, repeats):
 def _channels_last_only(model):
     import copy
 
-    from fastai_freeze.inference import ChannelsLast
+    from fastai_freeze.core.fuse import ChannelsLastInput as ChannelsLast
     return ChannelsLast(copy.deepcopy(model).to(memory_format=torch.channels_last))
 
 

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from . import freeze as _freeze_patches  # noqa: F401  Learner.freeze_body, Learner.split_bn
 from . import inference as _inference_patches  # noqa: F401  Learner.fused_model, Learner.export_fused
-from .advisor import Advice, logme  # also Learner.suggest_strategy
-from .bn import (
-                 BN_TYPES,
+from .advisor import Advice
+from .core import (
                  BNAffine,
                  FoldReport,
                  FuseReport,
@@ -19,11 +18,13 @@ from .bn import (
                  bn_parameters,
                  bn_shift,
                  fold_bn,
-                 freeze_bn,
+                 freeze_bn_layers,
                  fuse_conv_bn,
+                 inference_model,
                  is_bn,
+                 logme,  # also Learner.suggest_strategy
                  recalibrate_bn,
-                 set_bn_eval,
+                 register_bn_layer,
 )
 from .diagnostics import WeightDiagnostics, layer_weights, relative_change
 from .features import CachedWarmup, FeatureCache, augmentations, cached_warmup, compute_features
@@ -36,10 +37,7 @@ from .freeze import (
                  frozen_state,
                  rebuild_optimizer,
 )
-from .inference import ChannelsLast, inference_model
 from .policy import (
-                 MAX_BN_SHIFT,
-                 MIN_BN_BATCH,
                  BNDecision,
                  BNPolicy,
                  BNPolicyCallback,
@@ -62,13 +60,12 @@ from .transfer import cut_body, new_head_learner, simple_head
 __version__ = "0.1.0"
 
 __all__ = [
-    "BN_TYPES", "BNAffine", "FoldReport", "FuseReport", "RecalibrationReport", "ShiftReport", "bn_layers",
-    "bn_parameters", "bn_shift", "fold_bn", "freeze_bn", "fuse_conv_bn", "is_bn", "recalibrate_bn",
-    "set_bn_eval", "BNSplitter", "body_bn_layers", "check_splittable", "frozen_state",
-    "rebuild_optimizer", "MAX_BN_SHIFT", "MIN_BN_BATCH", "BNDecision", "BNPolicy", "BNPolicyCallback",
+    "BNAffine", "FoldReport", "FuseReport", "RecalibrationReport", "ShiftReport", "bn_layers",
+    "bn_parameters", "bn_shift", "fold_bn", "freeze_bn_layers", "register_bn_layer", "fuse_conv_bn", "is_bn", "recalibrate_bn",
+    "BNSplitter", "body_bn_layers", "check_splittable", "frozen_state",
+    "rebuild_optimizer", "BNDecision", "BNPolicy", "BNPolicyCallback",
     "choose_bn_policy", "decide_bn_policy", "FineTuneRecord", "PhaseRecord", "RangeTestResult",
     "DEFAULT_FALLBACK_LR", "FineTuneCallback", "PlateauRule", "StopAtTarget", "UnfreezeOnPlateau",
-    "CachedWarmup", "FeatureCache", "augmentations", "cached_warmup", "compute_features", "ChannelsLast",
-    "inference_model", "FrozenBodyShortcut", "frozen_prefix", "Advice", "logme", "WeightDiagnostics", "layer_weights", "relative_change",
+    "CachedWarmup", "FeatureCache", "augmentations", "cached_warmup", "compute_features", "inference_model", "FrozenBodyShortcut", "frozen_prefix", "Advice", "logme", "WeightDiagnostics", "layer_weights", "relative_change",
     "learner_snapshot", "range_test", "restore_learner", "cut_body", "new_head_learner", "simple_head",
 ]

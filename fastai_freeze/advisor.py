@@ -16,7 +16,6 @@ quantities itself:
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,50 +24,17 @@ from fastai.learner import Learner
 from fastcore.basics import patch
 from torch import nn
 
-from .bn import bn_shift
+from .core.bn import bn_shift
+from .core.logme import logme
 from .freeze import body_bn_layers
-from .policy import MAX_BN_SHIFT
+from .strategies import run_named_strategy
 
-__all__ = ["logme", "Advice", "suggest_strategy", "MIN_IMAGES_PER_CLASS"]
+MAX_BN_SHIFT = 0.1
+
+__all__ = ["Advice", "suggest_strategy", "MIN_IMAGES_PER_CLASS"]
 
 MIN_IMAGES_PER_CLASS = 100
 "Fewer training images per class than this is a small data set (seed 004's 'small')."
-
-
-def logme(features: np.ndarray, labels: np.ndarray, max_iter: int = 30) -> float:
-    """LogME of `features` (N x D) for integer `labels` (N): mean over classes of the maximised log
-    evidence per sample (You et al., 2021, Algorithm 1, with the SVD of the features).
-    """
-    f = np.asarray(features, dtype=np.float64)
-    y = np.asarray(labels)
-    if f.ndim != 2 or len(f) != len(y):
-        raise ValueError(f"features must be N x D with one label per row, got {f.shape} and {y.shape}")
-    n, d = f.shape
-    u, s, _ = np.linalg.svd(f, full_matrices=False)
-    sigma = s ** 2
-    out = []
-    for k in np.unique(y):
-        yk = (y == k).astype(np.float64)
-        x = u.T @ yk
-        x2 = x ** 2
-        res_out = max(float(yk @ yk - x2.sum()), 0.0)  # the part of y outside the features' span
-        alpha, beta = 1.0, 1.0
-        for _ in range(max_iter):
-            t = alpha / beta
-            gamma = float((sigma / (sigma + t)).sum())
-            m2 = float((sigma * x2 / (t + sigma) ** 2).sum())
-            res2 = float((x2 / (1 + sigma / t) ** 2).sum()) + res_out
-            alpha, beta = gamma / (m2 + 1e-5), (n - gamma) / (res2 + 1e-5)
-            if abs(alpha / beta - t) / t < 1e-3:
-                break
-        t = alpha / beta
-        m2 = float((sigma * x2 / (t + sigma) ** 2).sum())
-        res2 = float((x2 / (1 + sigma / t) ** 2).sum()) + res_out
-        log_det = float(np.log(alpha + beta * sigma).sum()) + (d - len(sigma)) * math.log(alpha)
-        evidence = (d / 2 * math.log(alpha) + n / 2 * math.log(beta) - 0.5 * log_det
-                    - beta / 2 * res2 - alpha / 2 * m2 - n / 2 * math.log(2 * math.pi))
-        out.append(evidence / n)
-    return float(np.mean(out))
 
 
 @dataclass
@@ -105,9 +71,8 @@ class Advice:
         p.text(str(self))
 
     def apply(self, learn: Learner, epochs: int = 4, freeze_epochs: int = 1):
-        "Train `learn` with the recommended strategy (the same functions as the strategy comparison)."
-        from .demo import STRATEGIES
-        return STRATEGIES[self.strategy][0](learn, epochs, freeze_epochs)
+        "Train `learn` with the recommended strategy (the same functions as the strategy comparison); returns its record."
+        return run_named_strategy(learn, self.strategy, epochs, freeze_epochs)
 
 
 def _reinit(module: nn.Module) -> nn.Module:
@@ -168,9 +133,8 @@ def suggest_strategy(self: Learner, max_samples: int = 2000) -> Advice:
     per_class = n_images / max(n_classes, 1)
     small = per_class < MIN_IMAGES_PER_CLASS
     similar = (shift is None or shift <= MAX_BN_SHIFT) and lm_pre > lm_rnd
-    bs = getattr(self.dls.train, "bs", None)
-    from .policy import choose_bn_policy
-    bn = choose_bn_policy(bs, shift).policy.value
+    from .policy import decide_bn_policy
+    bn = decide_bn_policy(self).policy.value
     size_txt = (f"{per_class:.0f} images per class {'<' if small else '>='} {MIN_IMAGES_PER_CLASS}")
     sim_txt = (f"BN shift {shift:.3f} {'<=' if shift is not None and shift <= MAX_BN_SHIFT else '>'} "
                f"{MAX_BN_SHIFT}, LogME gain over random weights {lm_pre - lm_rnd:+.3f}"

@@ -23,7 +23,7 @@ from fastai.learner import Learner
 from fastai.vision.augment import RandTransform
 from torch import nn
 
-from .inference import inference_model
+from .core.fuse import inference_model
 
 __all__ = ["augmentations", "FeatureCache", "compute_features", "cached_warmup", "CachedWarmup"]
 

@@ -14,10 +14,10 @@ from fastcore.basics import patch
 from fastcore.foundation import L
 from torch import nn
 
-from .bn import bn_layers
+from .core.bn import bn_layers, bn_parameters
 from .distrib import unwrap_model
 
-__all__ = ["check_splittable", "body_bn_layers", "set_frozen_bn_trainable", "frozen_state", "BNSplitter",
+__all__ = ["check_splittable", "body_bn_layers", "head_bn_layers", "set_frozen_bn_trainable", "frozen_state", "trainable_groups", "BNSplitter",
            "rebuild_optimizer", "frozen_prefix", "FrozenBodyShortcut"]
 
 _SPLITTER_HINT = (
@@ -66,11 +66,32 @@ def body_bn_layers(model: nn.Module, head_params: Sequence[nn.Parameter]) -> lis
     return out
 
 
+def head_bn_layers(model: nn.Module, head_params: Sequence[nn.Parameter]) -> list[tuple[str, nn.Module]]:
+    "BN layers of the head: those `body_bn_layers` leaves out."
+    body = {m for _, m in body_bn_layers(model, head_params)}
+    return [(n, m) for n, m in bn_layers(model) if m not in body]
+
+
 def frozen_state(learn: Learner) -> list[tuple[int, int]]:
     "Per optimizer group: (trainable parameter count, total parameter count)."
     if learn.opt is None:
         learn.create_opt()
     return [(sum(p.requires_grad for p in pg), len(pg)) for pg in learn.opt.param_lists]
+
+
+def trainable_groups(learn: Learner) -> list[str]:
+    "Per optimizer group: 'T' everything trains, 'b' only its BN parameters train, '.' frozen ('p': some other part)."
+    bn_ids = {id(p) for p in bn_parameters(learn.model)}
+    out = []
+    for pg in learn.opt.param_lists:
+        flags = [p.requires_grad for p in pg]
+        if all(flags):
+            out.append("T")
+        elif not any(flags):
+            out.append(".")
+        else:
+            out.append("b" if all(id(p) in bn_ids for p in pg if p.requires_grad) else "p")
+    return out
 
 
 def set_frozen_bn_trainable(learn: Learner, trainable: bool) -> list[nn.Parameter]:

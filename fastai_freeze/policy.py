@@ -1,45 +1,40 @@
 """Named BatchNorm policies for fine-tuning, the automatic choice, and the callback that keeps one.
 
-| policy   | BN layers during fine-tuning                                   | frozen phase: BN params |
-|----------|-----------------------------------------------------------------|-------------------------|
-| `train`  | BatchNorm, batch statistics, running stats updated (fastai's)   | trainable               |
-| `frozen` | BatchNorm kept in eval mode: pretrained statistics, never moved | frozen                  |
-| `fold`   | replaced by a trainable `BNAffine` with the pretrained stats    | trainable (or frozen)   |
-| `adapt`  | statistics re-estimated on the new data (AdaBN), then folded    | trainable (or frozen)   |
-| `auto`   | one of the above, chosen from batch size and measured shift     |                         |
+| policy   | the body's BN layers during fine-tuning                          | warm-up: BN params |
+|----------|-------------------------------------------------------------------|--------------------|
+| `train`  | BatchNorm, batch statistics, running stats updated (fastai's)     | trainable          |
+| `frozen` | BatchNorm kept in eval mode: pretrained statistics, never moved   | frozen             |
+| `fold`   | replaced by a trainable `BNAffine` with the pretrained statistics | trainable (or frozen) |
+| `adapt`  | statistics re-estimated on the new data (AdaBN), then folded      | trainable (or frozen) |
+| `auto`   | `frozen` (or `fold`) or `adapt`, from a probe of the body's features |                  |
+
+Policies act on what was pretrained: the body's BN layers. A new head's BN layers have no
+pretrained statistics to keep or to re-estimate, so under every policy they train as fastai trains
+them (batch statistics); only where the training batch holds a single sample, which has no batch
+statistics, do they run in eval mode (their affine parameters still train).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from enum import Enum
 
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, TrainEvalCallback
 from fastai.learner import Learner
 from fastcore.basics import patch
+from torch import nn
 
-from .bn import bn_shift, fold_bn, recalibrate_bn
+from .core.bn import fold_bn, recalibrate_bn
+from .core.logme import StatisticsProbe, probe_bn_statistics
+from .core.state import kept_random_state
 from .distrib import broadcast_module_state, broadcast_object, unwrap_model
-from .freeze import body_bn_layers, rebuild_optimizer, set_frozen_bn_trainable
+from .freeze import body_bn_layers, head_bn_layers, rebuild_optimizer, set_frozen_bn_trainable
 
-__all__ = ["BNPolicy", "BNDecision", "choose_bn_policy", "decide_bn_policy", "apply_bn_policy_now",
-           "BNPolicyCallback", "MIN_BN_BATCH", "MAX_BN_SHIFT"]
+__all__ = ["BNPolicy", "BNDecision", "choose_bn_policy", "decide_bn_policy", "apply_bn_decision",
+           "BNPolicyCallback", "PROBE_SAMPLES"]
 
-MIN_BN_BATCH = 16
-"""Below this many samples per batch, batch statistics are too noisy to train with.
-
-Wu & He (Group Normalization, 2018, fig. 1) measure ResNet-50's ImageNet error rising sharply as
-the per-device BN batch falls below 16 (+0.5 pt at 16, +2.7 pt at 8, +10 pt at 4), while
-normalisation with fixed statistics does not depend on the batch at all."""
-
-MAX_BN_SHIFT = 0.1
-"""Mean KL divergence (nats, averaged over channels and the body's BN layers) between the new data's
-per-channel statistics and the pretrained running statistics above which the pretrained statistics
-are considered wrong for the new data and are re-estimated (`adapt`).
-
-0.1 nats is the KL of a mean offset of 0.45 standard deviations (or a variance off by a factor of
-about 1.6) in every channel of every layer. Measured on the embedded default's pretrained model:
-held-out source data 0.001, unseen pattern classes 0.08, scikit-learn digits 0.11, inverted digits
-0.21, uniform noise 0.40."""
+PROBE_SAMPLES = 256
+"Training samples the automatic choice probes (two forward passes, no gradient)."
 
 
 class BNPolicy(str, Enum):
@@ -66,20 +61,32 @@ class BNPolicy(str, Enum):
 
 @dataclass
 class BNDecision:
-    "Which BN policy applies, and why (the record keeps this)."
+    "Which BN policy applies, and why, with the measurements behind it (the record keeps this)."
     policy: BNPolicy
     freeze_bn: bool
     reason: str
     batch_size: int | None = None
-    shift: float | None = None
+    probe: StatisticsProbe | None = None
+    body_bn_layers: int = 0
+    seconds: float = 0.0
     details: list[str] = field(default_factory=list)
+
+    @property
+    def shift(self) -> float | None:
+        return self.probe.shift if self.probe is not None else None
 
     def __str__(self) -> str:
         frozen = "BN params frozen in warm-up" if self.freeze_bn else "BN params trained in warm-up"
         return f"bn={self.policy.value} ({frozen}): {self.reason}"
 
 
-def _check_freeze_bn(policy: BNPolicy, freeze_bn: bool | None) -> bool:
+def check_freeze_bn(policy: BNPolicy, freeze_bn: bool | None) -> bool:
+    """`freeze_bn` under `policy`: whether the body's BN parameters are frozen during the warm-up.
+
+    `None` (the default everywhere) lets the policy decide: frozen under `frozen`, trained under the
+    others. Contradictions raise `ValueError`."""
+    if freeze_bn is not None and not isinstance(freeze_bn, bool):
+        raise TypeError(f"freeze_bn must be True, False or None, got {freeze_bn!r}")
     if policy is BNPolicy.TRAIN and freeze_bn:
         raise ValueError("bn='train' trains BN layers with batch statistics, which contradicts "
                          "freeze_bn=True: use bn='frozen' (eval-mode BN, nothing trained) or "
@@ -87,90 +94,102 @@ def _check_freeze_bn(policy: BNPolicy, freeze_bn: bool | None) -> bool:
     if policy is BNPolicy.FROZEN and freeze_bn is False:
         raise ValueError("bn='frozen' freezes BN layers fully, which contradicts freeze_bn=False: use "
                          "bn='fold' to keep the pretrained statistics and train the affine parameters")
-    if policy is BNPolicy.FROZEN:
-        return True
-    return bool(freeze_bn)
+    return policy is BNPolicy.FROZEN or bool(freeze_bn)
 
 
-def choose_bn_policy(batch_size: int | None, shift: float | None = None, freeze_bn: bool | None = None,
-                     min_batch: int = MIN_BN_BATCH, max_shift: float = MAX_BN_SHIFT) -> BNDecision:
-    """The automatic choice.
+def choose_bn_policy(probe: StatisticsProbe, freeze_bn: bool | None = None,
+                     batch_size: int | None = None) -> BNDecision:
+    """The automatic choice, from a probe of the body's features (`probe_bn_statistics`).
 
-    - measured shift above `max_shift`: the pretrained statistics do not describe the new data, so
-      re-estimate them over the whole training set and fold (`adapt`), at any batch size;
-    - batch below `min_batch`: batch statistics are too noisy, so keep the pretrained ones
-      (`fold`, which still trains the affine parameters; `frozen` when `freeze_bn=True`);
-    - otherwise `train` (fastai's default), or `frozen` when `freeze_bn=True`.
+    - The pretrained statistics give features at least as good (LogME) as the new data's own:
+      keep them, `frozen` (the body does not move in the warm-up; `fold` when `freeze_bn=False`).
+    - The new data's statistics give better features: re-estimate them on the training set and
+      fold (`adapt`).
 
-    In the transfer benchmark (benchmarks/results/transfer.md) re-estimating then folding beat
-    training with batch statistics on the shifted data (scikit-learn digits) at batch size 64 too.
+    Batch statistics (`train`) are not chosen: on every benchmark row where the new data's
+    statistics win, re-estimating them once over the training set did better than normalising with
+    each batch's (benchmarks/results/transfer.md).
     """
-    shift_txt = f"measured BN shift {shift:.2f} nats" if shift is not None else "shift not measured"
-    if shift is not None and shift > max_shift:
-        reason = (f"{shift_txt} > {max_shift}: the new data is far from the pretraining data, so its "
-                  "statistics are re-estimated on it, then folded")
-        if batch_size is not None and batch_size < min_batch:
-            reason += f" (batch size {batch_size} < {min_batch} also rules out batch statistics)"
-        return BNDecision(BNPolicy.ADAPT, bool(freeze_bn), reason, batch_size, shift)
-    if batch_size is not None and batch_size < min_batch:
-        pol = BNPolicy.FROZEN if freeze_bn else BNPolicy.FOLD
-        return BNDecision(pol, bool(freeze_bn) or pol is BNPolicy.FROZEN,
-                          f"batch size {batch_size} < {min_batch}: batch statistics are too noisy; {shift_txt} "
-                          f"<= {max_shift}: the pretrained statistics are kept", batch_size, shift)
-    pol = BNPolicy.FROZEN if freeze_bn else BNPolicy.TRAIN
-    bs_txt = f"batch size {batch_size} >= {min_batch}" if batch_size is not None else "batch size unknown"
-    return BNDecision(pol, bool(freeze_bn), f"{bs_txt} and {shift_txt} <= {max_shift}: batch statistics "
-                      "can be trusted", batch_size, shift)
+    how = (f"LogME of the body's features {probe.logme_pretrained:.3f} with the pretrained statistics, "
+           f"{probe.logme_new:.3f} with the new data's (over {probe.samples} training images)")
+    if probe.gain > 0:
+        reason = f"{how}: the new data's statistics are better, so they are re-estimated on it, then folded"
+        return BNDecision(BNPolicy.ADAPT, bool(freeze_bn), reason, batch_size, probe)
+    pol = BNPolicy.FOLD if freeze_bn is False else BNPolicy.FROZEN
+    reason = f"{how}: the pretrained statistics are kept"
+    return BNDecision(pol, pol is BNPolicy.FROZEN or bool(freeze_bn), reason, batch_size, probe)
 
 
-def _measure(learn: Learner, samples: int) -> tuple[int | None, float | None]:
-    "Batch size, and the body's BN shift over about `samples` training images (fewer bias it upwards)."
-    dl = learn.dls.train
-    bs = getattr(dl, "bs", None)
-    max_batches = max(1, -(-samples // (bs or 1)))
-    body = [m for _, m in body_bn_layers(learn.model, _head_params(learn))]
-    try:
-        shift = bn_shift(learn.model, (b for b in dl), max_batches=max_batches, layers=body).mean_kl
-    except ValueError:  # no BN with statistics: nothing to measure
-        shift = None
-    return bs, shift
+def _head_params(learn: Learner) -> list[nn.Parameter]:
+    return list(learn.opt.param_lists[-1]) if learn.opt is not None else list(learn.splitter(learn.model))[-1]
+
+
+def _body(learn: Learner) -> nn.Module | None:
+    "The body of a `Sequential(body, head)` model (vision_learner, new_head_learner), else None."
+    m = unwrap_model(learn.model)
+    return m[0] if isinstance(m, nn.Sequential) and len(m) == 2 else None
 
 
 def decide_bn_policy(learn: Learner, policy: str | BNPolicy = "auto", freeze_bn: bool | None = None,
-                     samples: int = 256) -> BNDecision:
-    "Resolve `policy` for this Learner ('auto' measures batch size and shift on the training data)."
-    pol = BNPolicy.parse(policy)
-    if pol is BNPolicy.AUTO:
-        bs, shift = broadcast_object(_measure(learn, samples))  # distributed: rank 0's measurement for all
-        return choose_bn_policy(bs, shift, freeze_bn)
-    fb = _check_freeze_bn(pol, freeze_bn)
-    return BNDecision(pol, fb, "asked for", getattr(learn.dls.train, "bs", None))
+                     samples: int = PROBE_SAMPLES) -> BNDecision:
+    """Resolve `policy` for this Learner; 'auto' probes the body on up to `samples` training images.
 
-
-def _head_params(learn: Learner):
-    return learn.opt.param_lists[-1] if learn.opt is not None else list(learn.splitter(learn.model))[-1]
-
-
-def apply_bn_policy_now(learn: Learner, decision: BNDecision, max_batches: int | None = 200) -> str:
-    """Carry out the model change a decision needs (recalibrate, fold) and rebuild the optimizer.
-
-    Returns a line saying what was done. `train` and `frozen` change no module.
+    Nothing changes: the probe runs in no-grad passes, restores every mode and buffer, and leaves
+    the global random state alone. A body without BatchNorm gets a decision that says so.
     """
-    if decision.policy not in (BNPolicy.FOLD, BNPolicy.ADAPT):
+    t0 = time.perf_counter()
+    pol = BNPolicy.parse(policy)
+    if pol is not BNPolicy.AUTO:
+        check_freeze_bn(pol, freeze_bn)
+    bs = getattr(learn.dls.train, "bs", None)
+    model = unwrap_model(learn.model)
+    body_bns = [m for _, m in body_bn_layers(model, _head_params(learn))
+                if getattr(m, "running_mean", None) is not None]
+    if not body_bns:
+        left = "" if pol in (BNPolicy.AUTO, BNPolicy.TRAIN) else f" bn='{pol.value}'"
+        return BNDecision(BNPolicy.TRAIN if pol is BNPolicy.AUTO else pol, bool(freeze_bn),
+                          f"the body has no BatchNorm layer with statistics (none, or already folded):{left} "
+                          "changes nothing", bs, seconds=time.perf_counter() - t0)
+    if pol is not BNPolicy.AUTO:
+        return BNDecision(pol, check_freeze_bn(pol, freeze_bn), "asked for", bs, body_bn_layers=len(body_bns),
+                          seconds=time.perf_counter() - t0)
+    body = _body(learn)
+    if body is None:
+        pol = BNPolicy.FOLD if freeze_bn is False else BNPolicy.FROZEN
+        return BNDecision(pol, pol is BNPolicy.FROZEN or bool(freeze_bn),
+                          "the model is not Sequential(body, head), so its body's features cannot be probed: "
+                          "the pretrained statistics are kept", bs, body_bn_layers=len(body_bns),
+                          seconds=time.perf_counter() - t0)
+    with kept_random_state():  # a new DataLoader draws its seed from the global generator
+        dl = learn.dls.train.new(shuffle=False, drop_last=False, bs=min(64, max(2, samples)))
+        probe = broadcast_object(probe_bn_statistics(body, dl, samples))  # distributed: rank 0's for all
+    decision = choose_bn_policy(probe, freeze_bn, bs)
+    decision.body_bn_layers, decision.seconds = len(body_bns), time.perf_counter() - t0
+    return decision
+
+
+def apply_bn_decision(learn: Learner, decision: BNDecision, max_batches: int | None = 200) -> str:
+    """Carry out the model change a decision needs (re-estimate, fold the body's BN) and rebuild the
+    optimizer. Returns a line saying what was done. `train` and `frozen` change no module."""
+    if decision.policy not in (BNPolicy.FOLD, BNPolicy.ADAPT) or not decision.body_bn_layers:
         return "no module changed"
     if learn.opt is None:
         learn.create_opt()
-    done = []
+    t0 = time.perf_counter()
     model = unwrap_model(learn.model)
+    body = [m for _, m in body_bn_layers(model, _head_params(learn))]
+    done = []
     if decision.policy is BNPolicy.ADAPT:
-        rep = recalibrate_bn(model, learn.dls.train, max_batches=max_batches)
+        with kept_random_state():
+            dl = learn.dls.train.new(shuffle=False, drop_last=False, bs=max(getattr(learn.dls.train, "bs", 64), 64))
+            rep = recalibrate_bn(model, dl, max_batches=max_batches, layers=body)
         broadcast_module_state(model)  # distributed: rank 0's statistics everywhere
         done.append(str(rep))
-    report = fold_bn(model, strict=False)
-    done.append(str(report))
+    done.append(str(fold_bn(model, strict=False, layers=body)))
     rebuild_optimizer(learn)
     # folded layers of the frozen groups: their affine params train in the warm-up unless freeze_bn
     set_frozen_bn_trainable(learn, not decision.freeze_bn)
+    decision.seconds += time.perf_counter() - t0
     return "; ".join(done)
 
 
@@ -181,15 +200,16 @@ class BNPolicyCallback(Callback):
     the Learner with `learn.apply_bn_policy(...)`. `fold`/`adapt` change the model before the first
     batch and rebuild the optimizer (fastai builds it before `before_fit`); `frozen` puts the body's
     BN layers back in eval mode after fastai's `model.train()` every epoch and, when the fit ends or
-    is interrupted, gives them the mode of the rest of the model again.
+    is interrupted, gives them the mode of the rest of the model again. A fit without an optimizer
+    (`get_preds` on a loaded Learner) needs nothing from it.
     """
-    order = -5  # after TrainEvalCallback (-10), which calls model.train() in before_train
+    run_after = TrainEvalCallback  # which calls model.train() in before_train
 
     def __init__(self, policy: str | BNPolicy = "auto", freeze_bn: bool | None = None,
                  recalibration_batches: int | None = 200):
         self.policy = BNPolicy.parse(policy)
         if self.policy is not BNPolicy.AUTO:
-            _check_freeze_bn(self.policy, freeze_bn)
+            check_freeze_bn(self.policy, freeze_bn)
         self.freeze_bn, self.recalibration_batches = freeze_bn, recalibration_batches
         self.decision: BNDecision | None = None
         self.applied = False
@@ -202,14 +222,13 @@ class BNPolicyCallback(Callback):
         if self.decision is None:
             self.decision = decide_bn_policy(self.learn, self.policy, self.freeze_bn)
         if not self.applied:
-            did = apply_bn_policy_now(self.learn, self.decision, self.recalibration_batches)
-            self.decision.details.append(did)
+            self.decision.details.append(apply_bn_decision(self.learn, self.decision, self.recalibration_batches))
             self.applied = True
         return self.decision
 
     def before_fit(self):
         self._depth += 1
-        if self._depth > 1:
+        if self._depth > 1 or self.learn.opt is None:
             return
         self.resolve()
         self._eval_layers, self._grad_flags = [], {}
@@ -222,14 +241,20 @@ class BNPolicyCallback(Callback):
                         self._grad_flags[p] = p.requires_grad
                         p.requires_grad_(False)
 
-    def _body_bn(self) -> list:
+    def _body_bn(self) -> list[nn.Module]:
         return [m for _, m in body_bn_layers(unwrap_model(self.learn.model), _head_params(self.learn))]
 
     def before_train(self):
+        if self.decision is None:
+            return
+        layers = []
         if self.decision.policy is BNPolicy.FROZEN:
             # looked up every epoch: fastai's distrib_ctx may have swapped them for SyncBatchNorm copies
-            self._eval_layers = self._body_bn()
-        for m in self._eval_layers:
+            layers = self._body_bn()
+        if getattr(self.learn.dls.train, "bs", None) == 1:  # no batch statistics in a batch of one
+            layers += [m for _, m in head_bn_layers(unwrap_model(self.learn.model), _head_params(self.learn))]
+        self._eval_layers = layers
+        for m in layers:
             m.eval()
 
     def restore(self):
@@ -254,8 +279,8 @@ def apply_bn_policy(self: Learner, policy: str | BNPolicy = "auto", freeze_bn: b
 
     Replaces an earlier policy callback. Returns the decision (policy, reason, measurements).
     """
-    for cb in [c for c in self.cbs if isinstance(c, BNPolicyCallback)]:
-        self.remove_cb(cb)
     cb = BNPolicyCallback(policy, freeze_bn, recalibration_batches)
+    for old in [c for c in self.cbs if isinstance(c, BNPolicyCallback)]:
+        self.remove_cb(old)
     self.add_cb(cb)
     return cb.resolve()

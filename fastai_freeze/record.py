@@ -62,11 +62,17 @@ class FineTuneRecord:
     unfroze_at_epoch: int | None = None
     unfreeze_reason: str = ""
     notes: list[str] = field(default_factory=list)
+    bn_seconds: float = 0.0
 
     @property
     def seconds(self) -> float:
-        "Wall time of the whole run: every fit and every range test."
-        return sum(p.total_seconds for p in self.phases)
+        "Wall time of the whole run: deciding and applying the BN policy, every fit and every range test."
+        return self.bn_seconds + sum(p.total_seconds for p in self.phases)
+
+    @property
+    def decision_seconds(self) -> float:
+        "The part of `seconds` spent deciding: the BN policy's measurements and change, and the range tests."
+        return self.bn_seconds + sum(rt.seconds for _, rt in self.range_tests)
 
     @property
     def range_tests(self) -> list[tuple[str, RangeTestResult]]:
@@ -95,7 +101,8 @@ class FineTuneRecord:
         if fm:
             out += "\nfinal: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                            for k, v in fm.items())
-        out += f"\ntotal time {self.seconds:.1f}s (range tests included)"
+        out += (f"\ntotal time {self.seconds:.1f}s, of which {self.decision_seconds:.1f}s deciding "
+                "(BN policy, range tests)")
         out += "\ngroups: T trains, b only its BN parameters train, . frozen"
         for n in self.notes:
             out += f"\nnote: {n}"

@@ -27,7 +27,7 @@ from fastcore.meta import delegates
 
 from .distrib import broadcast_object, is_distributed, local_fit_state
 from .features import cached_warmup
-from .freeze import FrozenBodyShortcut, check_splittable, set_frozen_bn_trainable
+from .freeze import FrozenBodyShortcut, check_splittable, set_frozen_bn_trainable, trainable_groups
 from .policy import BNPolicy, BNPolicyCallback, decide_bn_policy
 from .record import FineTuneRecord, PhaseRecord, RangeTestResult
 
@@ -331,22 +331,6 @@ def _lr_source(rt: RangeTestResult) -> str:
     return f"fallback ({rt.method} unusable)" if rt.fell_back else f"range test ({rt.method})"
 
 
-def _trainable_groups(learn: Learner) -> list[str]:
-    "Per group: 'T' everything trains, 'b' only its BN parameters train, '.' frozen ('p': some other part)."
-    from .bn import bn_parameters
-    bn_ids = {id(p) for p in bn_parameters(learn.model)}
-    out = []
-    for pg in learn.opt.param_lists:
-        flags = [p.requires_grad for p in pg]
-        if all(flags):
-            out.append("T")
-        elif not any(flags):
-            out.append(".")
-        else:
-            out.append("b" if all(id(p) in bn_ids for p in pg if p.requires_grad) else "p")
-    return out
-
-
 def _group_lrs(learn: Learner, lr) -> list[float]:
     "The per-group rates that `lr` (a float, a slice or a list) gives on this Learner's optimizer."
     saved = [h["lr"] for h in learn.opt.hypers]
@@ -418,7 +402,7 @@ class FineTuneCallback(Callback):
 
     def _open_phase(self, name, epochs, source, rt=None):
         self.record.phases.append(PhaseRecord(
-            name, epochs, [float(h["lr"]) for h in self.learn.opt.hypers], _trainable_groups(self.learn),
+            name, epochs, [float(h["lr"]) for h in self.learn.opt.hypers], trainable_groups(self.learn),
             self.record.bn, source, range_test=rt, metric_names=list(self.learn.recorder.metric_names)))
 
     def _close_phase(self, reason):
@@ -486,7 +470,7 @@ class FineTuneCallback(Callback):
 # ---------------------------------------------------------------- fine_tune_with --------------
 def _run_phase(learn: Learner, record: FineTuneRecord, name: str, epochs: int, lr, lr_source: str,
                rt: RangeTestResult | None, fit_kwargs: dict, cbs: list) -> PhaseRecord:
-    phase = PhaseRecord(name, epochs, _group_lrs(learn, lr), _trainable_groups(learn), str(record.bn.policy),
+    phase = PhaseRecord(name, epochs, _group_lrs(learn, lr), trainable_groups(learn), str(record.bn.policy),
                         lr_source, range_test=rt)
     record.phases.append(phase)
     t0 = time.perf_counter()
@@ -508,7 +492,7 @@ def _cached_phase(learn: Learner, record: FineTuneRecord, epochs: int, lr: float
                   rt: RangeTestResult | None, memory_budget: int, fit_kwargs: dict) -> PhaseRecord:
     "The warm-up on cached body features, recorded like a phase."
     phase = PhaseRecord("warm-up", epochs, [0.0] * (len(learn.opt.param_lists) - 1) + [float(lr)],
-                        _trainable_groups(learn), str(record.bn.policy), lr_source, range_test=rt)
+                        trainable_groups(learn), str(record.bn.policy), lr_source, range_test=rt)
     record.phases.append(phase)
     cw = cached_warmup(learn, epochs, lr, memory_budget, **fit_kwargs)
     phase.epochs_run, phase.values, phase.metric_names = len(cw.values), cw.values, cw.metric_names
@@ -601,6 +585,7 @@ def fine_tune_with(self: Learner, epochs: int, base_lr: float | None = 2e-3, fre
     self.fine_tune_record = record
     try:
         policy_cb.resolve()
+        record.bn_seconds = decision.seconds
         self.freeze_body(bn_trainable=not decision.freeze_bn)
         # warm-up
         if freeze_epochs:

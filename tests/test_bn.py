@@ -6,15 +6,15 @@ import torchvision
 from torch import nn
 from torch.testing import assert_close
 
-from fastai_freeze.bn import (
+from fastai_freeze.core.fuse import fuse_conv_bn
+from fastai_freeze.core.bn import (
     BNAffine,
     bn_layers,
     bn_shift,
     fold_bn,
-    freeze_bn,
-    fuse_conv_bn,
+    freeze_bn_layers,
     recalibrate_bn,
-    set_bn_eval,
+    set_bn_eval_mode,
 )
 
 
@@ -163,11 +163,11 @@ def test_recalibrate_restores_modes_and_momentum_on_error():
 
 def test_freeze_bn_and_set_eval():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).train()
-    assert freeze_bn(model) == 1
+    assert freeze_bn_layers(model) == 1
     assert not model[1].training and not any(p.requires_grad for p in model[1].parameters())
     assert model[0].training and model[0].weight.requires_grad
     model.train()
-    assert set_bn_eval(model) == 1 and not model[1].training
+    assert set_bn_eval_mode(model) == 1 and not model[1].training
 
 
 @pytest.mark.parametrize("fold_first", [False, True])

@@ -8,7 +8,7 @@ from torch import nn
 from torchvision.models import resnet18
 
 import fastai_freeze  # noqa: F401  (the Learner patches)
-from fastai_freeze.bn import bn_layers, bn_parameters, is_bn
+from fastai_freeze.core.bn import bn_layers, bn_parameters, is_bn
 from fastai_freeze.data import tensor_dls
 from fastai_freeze.freeze import BNSplitter, body_bn_layers, frozen_state
 

@@ -6,7 +6,7 @@ from fastai.callback.core import Callback, CancelFitException
 from fastai.learner import load_learner
 
 import fastai_freeze  # noqa: F401
-from fastai_freeze.bn import BNAffine, bn_layers
+from fastai_freeze.core.bn import BNAffine, bn_layers
 from fastai_freeze.freeze import body_bn_layers
 from fastai_freeze.policy import BNPolicy, BNPolicyCallback, choose_bn_policy
 
@@ -199,7 +199,7 @@ def test_syncbatchnorm_is_handled_by_every_policy(make_learner):
 
     from torch import nn
 
-    from fastai_freeze.bn import fold_bn
+    from fastai_freeze.core.bn import fold_bn
     learn = make_learner(bs=16)
     learn.model = nn.SyncBatchNorm.convert_sync_batchnorm(learn.model)
     learn.create_opt()

@@ -11,7 +11,7 @@ import fastai_freeze  # noqa: F401
 from fastai_freeze.data import tensor_dls
 from fastai_freeze.features import augmentations, cached_warmup, compute_features
 from fastai_freeze.freeze import FrozenBodyShortcut, frozen_prefix
-from fastai_freeze.inference import inference_model
+from fastai_freeze.core.fuse import inference_model
 from fastai_freeze.transfer import new_head_learner
 
 

@@ -91,7 +91,7 @@ def torchvision_learner_factory(arch: str, pretrained: bool = True):
 
 
 def _strategies(text: str | None):
-    from .demo import STRATEGIES
+    from ..strategies import STRATEGIES
     if not text:
         return list(STRATEGIES)
     names = [s.strip() for s in text.split(",") if s.strip()]
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
 
 
 def _write_table(rows, out: Path, title: str) -> None:
-    from .demo import format_table
+    from .comparison import format_table
     table = format_table(rows)
     print(f"\n{title}\n\n{table}\n")
     out.mkdir(parents=True, exist_ok=True)
@@ -157,7 +157,7 @@ def _write_table(rows, out: Path, title: str) -> None:
 def _run(args) -> int:
     import torch
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
-    from .demo import SCENARIOS, compare, compare_runs, plot_results
+    from .comparison import SCENARIOS, compare, compare_runs, plot_results
     strategies = _strategies(args.strategies)
     if args.cmd == "demo":
         if args.quick:

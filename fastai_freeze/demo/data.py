@@ -1,15 +1,18 @@
-"""The embedded default: a deterministic source task, a model pretrained on it, and target tasks.
+"""The demo's data and its small pattern model. Nothing is downloaded.
 
-Nothing is downloaded. The source task is procedurally generated pattern images; the model is a
-small ResNet (torchvision's `BasicBlock`, the same module names as torchvision's ResNet, so fastai's
-`create_body`/`cut_model` and a ResNet-style splitter apply) trained on it with a fixed seed and
-cached on disk. Targets: new pattern classes (similar domain) and scikit-learn's bundled
-handwritten digits (real data, a different domain).
+- **Fashion-MNIST** (Xiao, Rasul, Vollgraf 2017; MIT licence, see `FASHION_MNIST_LICENSE`): the first
+  3000 training and 1000 test images of the official files ship with the package
+  (`fashion_mnist_subset.npz`, 1.8 MB); the full set is read from the Debian package
+  `dataset-fashion-mnist` when it is installed (`load_fashion_mnist(full=True)`).
+- **scikit-learn's digits** (1797 images of 8x8 pixels, bundled with scikit-learn).
+- **Generated patterns**: 12 procedurally drawn classes, and a small ResNet (torchvision's
+  `BasicBlock`, torchvision's module names) pretrained on 8 of them with a fixed seed and cached on
+  disk: the fast model of the unit tests.
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +20,11 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
+from ..cache import cache_dir, cached_file
+
 __all__ = ["PATTERNS", "SOURCE_CLASSES", "TARGET_CLASSES", "make_patterns", "load_digits_images",
-           "TinyResNet", "tiny_resnet", "tiny_resnet_split", "pretrained_tiny_resnet", "cache_dir",
-           "tensor_dls"]
+           "load_fashion_mnist", "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "to_images", "TinyResNet",
+           "pretrained_tiny_resnet", "tensor_dls"]
 
 PATTERNS = ("hstripes", "vstripes", "diag", "antidiag", "disc", "ring", "square", "cross",
             "checker", "triangle", "dots", "xshape")
@@ -93,6 +98,14 @@ def make_patterns(n_per_class: int, classes=SOURCE_CLASSES, size: int = 32, seed
     return torch.from_numpy(x[order]), torch.tensor(ys, dtype=torch.long)[order]
 
 
+def to_images(gray: torch.Tensor, size: int) -> torch.Tensor:
+    "Grey images `(N, H, W)` in [0, 1] as 3-channel float32 images `(N, 3, size, size)` (bilinear resize)."
+    x = gray.float()[:, None]
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x.clamp(0, 1).repeat(1, 3, 1, 1)
+
+
 def load_digits_images(size: int = 32, seed: int = 0, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's bundled handwritten digits (1797 images, 10 classes) as 3-channel images.
 
@@ -104,8 +117,7 @@ def load_digits_images(size: int = 32, seed: int = 0, n: int | None = None) -> t
     except ImportError as e:  # pragma: no cover - dev extra
         raise ImportError("the digits target needs scikit-learn: pip install scikit-learn") from e
     d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
-    x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    x = to_images(torch.tensor(d.images) / 16.0, size)
     y = torch.tensor(d.target, dtype=torch.long)
     order = torch.from_numpy(np.random.default_rng(seed).permutation(len(y)))
     x, y = x[order], y[order]
@@ -146,27 +158,6 @@ class TinyResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def tiny_resnet(pretrained: bool = False, num_classes: int = len(SOURCE_CLASSES), **kwargs) -> TinyResNet:
-    """Architecture function in the style of torchvision's `resnet18` (usable with `vision_learner`).
-
-    `pretrained=True` loads (or first builds and caches) the weights trained on the source task.
-    """
-    if pretrained:
-        return pretrained_tiny_resnet(**kwargs)
-    return TinyResNet(num_classes=num_classes, **kwargs)
-
-
-def tiny_resnet_split(m: nn.Module):
-    "The ResNet splitter of fastai (`_resnet_split`) for a `vision_learner` model `Sequential(body, head)`."
-    from fastai.torch_core import params
-    return [params(m[0][:4]), params(m[0][4:]), params(m[1:])]
-
-
-def cache_dir() -> Path:
-    "Where the pretrained weights live: `$FASTAI_FREEZE_CACHE`, else `~/.cache/fastai_freeze`."
-    return Path(os.environ.get("FASTAI_FREEZE_CACHE", Path.home() / ".cache" / "fastai_freeze"))
-
-
 _PRETRAIN = dict(n_per_class=300, size=32, seed=0, epochs=4, bs=64, lr=3e-3, width=16)
 
 
@@ -175,25 +166,12 @@ def _pretrain_key(cfg: dict) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
-def pretrained_tiny_resnet(width: int = 16, verbose: bool = True) -> TinyResNet:
-    """The source-task model: trained with a fixed seed on `SOURCE_CLASSES`, cached on disk.
-
-    The first call trains it (about a minute on 2 CPU cores) and writes the weights to `cache_dir()`;
-    later calls load them. The cache file name encodes the training set-up and the torch version.
-    """
-    cfg = {**_PRETRAIN, "width": width}
-    path = cache_dir() / f"tiny_resnet_{_pretrain_key(cfg)}.pth"
-    model = TinyResNet(num_classes=len(SOURCE_CLASSES), width=width)
-    if path.exists():
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return model.eval()
-    if verbose:
-        print(f"pretraining the source model on {len(SOURCE_CLASSES)} pattern classes (cached at {path})")
+def _pretrain(cfg: dict, path: Path) -> None:
     x, y = make_patterns(cfg["n_per_class"], SOURCE_CLASSES, cfg["size"], seed=cfg["seed"])
     g = torch.Generator().manual_seed(cfg["seed"])
     with torch.random.fork_rng():
         torch.manual_seed(cfg["seed"])
-        model = TinyResNet(num_classes=len(SOURCE_CLASSES), width=width)
+        model = TinyResNet(num_classes=len(SOURCE_CLASSES), width=cfg["width"])
         opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=1e-2)
         steps = cfg["epochs"] * (len(x) // cfg["bs"])
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg["lr"], total_steps=steps)
@@ -207,12 +185,70 @@ def pretrained_tiny_resnet(width: int = 16, verbose: bool = True) -> TinyResNet:
                 loss.backward()
                 opt.step()
                 sched.step()
-    model.eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
-    return model
+    torch.save(model.state_dict(), path)
+
+
+def pretrained_tiny_resnet(width: int = 16, verbose: bool = True) -> TinyResNet:
+    """The pattern model: trained with a fixed seed on `SOURCE_CLASSES`, cached on disk.
+
+    The first call trains it (about 10 s on 2 CPU cores) and writes the weights to `cache_dir()`
+    (atomically; a damaged file is named and rebuilt); later calls load them. The file name encodes
+    the training set-up and the torch version.
+    """
+    cfg = {**_PRETRAIN, "width": width}
+    path = cache_dir() / f"tiny_resnet_{_pretrain_key(cfg)}.pth"
+    model = TinyResNet(num_classes=len(SOURCE_CLASSES), width=width)
+
+    def build(tmp: Path) -> None:
+        if verbose:
+            print(f"pretraining the pattern model on {len(SOURCE_CLASSES)} classes (cached at {path})")
+        _pretrain(cfg, tmp)
+
+    cached_file(path, build, lambda p: model.load_state_dict(torch.load(p, map_location="cpu", weights_only=True)))
+    return model.eval()
+
+
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot")
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+"Where Debian's package `dataset-fashion-mnist` installs the four official idx files."
+_FASHION_SUBSET = Path(__file__).with_name("fashion_mnist_subset.npz")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path) as f:
+        data = f.read()
+    nd = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(nd)]
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * nd).reshape(dims)
+
+
+def load_fashion_mnist(n_train: int | None = None, n_valid: int | None = None, size: int = 32,
+                       full: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST as `(x_train, y_train, x_valid, y_valid)`: 3-channel float32 images in [0, 1]
+    resized to `size`, int64 labels; the first `n_train` training and `n_valid` test images, in the
+    official order (deterministic).
+
+    By default from the subset shipped with the package (3000 + 1000 images); `full=True` (or more
+    images than the subset holds) reads the official files installed by Debian's
+    `dataset-fashion-mnist` (`apt-get install dataset-fashion-mnist`) from `FASHION_MNIST_DIR`.
+    """
+    with np.load(_FASHION_SUBSET) as z:
+        sub = {k: z[k] for k in z.files}
+    need_full = full or (n_train or 0) > len(sub["x_train"]) or (n_valid or 0) > len(sub["x_valid"])
+    if need_full:
+        names = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz")
+        missing = [n for n in names if not (FASHION_MNIST_DIR / n).exists()]
+        if missing:
+            raise FileNotFoundError(f"the full Fashion-MNIST is read from {FASHION_MNIST_DIR}, which lacks {missing}: "
+                                    "apt-get install dataset-fashion-mnist (the package ships the first 3000 "
+                                    "training and 1000 test images)")
+        sub = dict(zip(("x_train", "y_train", "x_valid", "y_valid"), (_read_idx(FASHION_MNIST_DIR / n) for n in names)))
+    xt, yt = sub["x_train"][:n_train], sub["y_train"][:n_train]
+    xv, yv = sub["x_valid"][:n_valid], sub["y_valid"][:n_valid]
+    return (to_images(torch.from_numpy(xt.copy()) / 255.0, size), torch.from_numpy(yt.astype(np.int64)),
+            to_images(torch.from_numpy(xv.copy()) / 255.0, size), torch.from_numpy(yv.astype(np.int64)))
 
 
 class _Items(list):
@@ -227,20 +263,23 @@ class _Items(list):
 def tensor_dls(x_train, y_train, x_valid, y_valid, bs: int = 64, seed: int | None = 0, device=None):
     """fastai `DataLoaders` over in-memory tensors (shuffled training set, `drop_last` like fastai).
 
-    `dls.c` is set to the number of classes, so `vision_learner(dls, arch)` needs no `n_out`.
+    Inputs are fastai `TensorImage`s, so the `Normalize` that `vision_learner` adds applies as it
+    does to images from files. `dls.c` is the number of classes (`vision_learner` needs no `n_out`).
     """
-    from fastai.data.core import DataLoaders
-    from fastai.data.load import DataLoader
+    from fastai.data.core import DataLoaders, TfmdDL
     from fastai.losses import CrossEntropyLossFlat
+    from fastai.torch_core import TensorCategory, TensorImage
 
-    train, valid = _Items(zip(x_train, y_train)), _Items(zip(x_valid, y_valid))
+    train = _Items(zip(TensorImage(x_train), TensorCategory(y_train)))
+    valid = _Items(zip(TensorImage(x_valid), TensorCategory(y_valid)))
     train.loss_func = valid.loss_func = CrossEntropyLossFlat()  # what fastai's Learner looks up
     if bs > len(train):
         raise ValueError(f"batch size {bs} is larger than the training set ({len(train)} items)")
     if seed is not None:
         from fastai.torch_core import set_seed
         set_seed(seed)
-    dls = DataLoaders(DataLoader(train, bs=bs, shuffle=True, drop_last=True),
-                      DataLoader(valid, bs=max(bs, 64)), device=device or "cpu")
+    # TfmdDL (not a bare DataLoader) has the transform pipelines vision_learner adds Normalize to
+    dls = DataLoaders(TfmdDL(train, bs=bs, shuffle=True, drop_last=True),
+                      TfmdDL(valid, bs=max(bs, 64)), device=device or "cpu")
     dls.c = int(torch.cat([torch.as_tensor(y_train), torch.as_tensor(y_valid)]).max()) + 1
     return dls

@@ -1,0 +1,4 @@
+"""The demo: embedded data and the pattern model, the strategy comparison, the command line.
+
+Outside the library core: nothing in `fastai_freeze` imports this package.
+"""
