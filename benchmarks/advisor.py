@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import fastai_freeze  # noqa: F401
-from fastai_freeze.data import tensor_dls
+from fastai_freeze.demo.data import tensor_dls
 from fastai_freeze.demo import SCENARIOS, embedded_learner_factory
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -22,7 +22,7 @@ from fastai.vision.learner import vision_learner
 from torchvision.models import resnet18
 
 import fastai_freeze  # noqa: F401  (Learner patches)
-from fastai_freeze.data import tensor_dls
+from fastai_freeze.demo.data import tensor_dls
 from fastai_freeze.diagnostics import WeightDiagnostics
 from fastai_freeze.features import cached_warmup
 from fastai_freeze.freeze import FrozenBodyShortcut

@@ -1,71 +1,47 @@
 """fastai_freeze: principled, automatic and visible fine-tuning of pretrained networks in fastai.
 
-Importing the package adds new, clearly named Learner methods (`fine_tune_with`, `freeze_body`,
-`split_bn`, `apply_bn_policy`, `new_head`...) and changes none of fastai's own.
+Importing the package adds new, clearly named Learner methods and changes none of fastai's own:
+`fine_tune_with`, `freeze_body`, `split_bn`, `apply_bn_policy`, `suggest_strategy`, `fused_model`,
+`export_fused`. The pure-PyTorch core is `fastai_freeze.core` (no fastai import).
 """
 from __future__ import annotations
 
-from . import freeze as _freeze_patches  # noqa: F401  Learner.freeze_body, Learner.split_bn
-from . import inference as _inference_patches  # noqa: F401  Learner.fused_model, Learner.export_fused
-from .advisor import Advice
+# the modules that add Learner methods, imported for that effect
+from . import advisor as _advisor  # noqa: F401  Learner.suggest_strategy
+from . import freeze as _freeze  # noqa: F401  Learner.freeze_body, Learner.split_bn
+from . import inference as _inference  # noqa: F401  Learner.fused_model, Learner.export_fused
+from . import policy as _policy  # noqa: F401  Learner.apply_bn_policy
+from . import schedule as _schedule  # noqa: F401  Learner.fine_tune_with
+from .callbacks import FrozenPrefix
 from .core import (
-                 BNAffine,
-                 FoldReport,
-                 FuseReport,
-                 RecalibrationReport,
-                 ShiftReport,
-                 bn_layers,
-                 bn_parameters,
-                 bn_shift,
-                 fold_bn,
-                 freeze_bn_layers,
-                 fuse_conv_bn,
-                 inference_model,
-                 is_bn,
-                 logme,  # also Learner.suggest_strategy
-                 recalibrate_bn,
-                 register_bn_layer,
+    BNAffine,
+    bn_shift,
+    fold_bn,
+    freeze_bn_layers,
+    fuse_conv_bn,
+    inference_model,
+    logme,
+    recalibrate_bn,
+    register_bn_layer,
 )
-from .diagnostics import WeightDiagnostics, layer_weights, relative_change
-from .features import CachedWarmup, FeatureCache, augmentations, cached_warmup, compute_features
-from .freeze import (
-                 BNSplitter,
-                 FrozenBodyShortcut,
-                 body_bn_layers,
-                 check_splittable,
-                 frozen_prefix,
-                 frozen_state,
-                 rebuild_optimizer,
-)
-from .policy import (
-                 BNDecision,
-                 BNPolicy,
-                 BNPolicyCallback,
-                 choose_bn_policy,
-                 decide_bn_policy,
-)
-from .record import FineTuneRecord, PhaseRecord, RangeTestResult
-from .schedule import (
-                 DEFAULT_FALLBACK_LR,
-                 FineTuneCallback,
-                 PlateauRule,
-                 StopAtTarget,
-                 UnfreezeOnPlateau,
-                 learner_snapshot,
-                 range_test,
-                 restore_learner,
-)
-from .transfer import cut_body, new_head_learner, simple_head
+from .diagnostics import WeightDiagnostics
+from .features import cached_warmup
+from .policy import BNPolicy, BNPolicyCallback
+from .probe import RangeTest, range_test
+from .record import FineTuneRecord
+from .schedule import FineTuneCallback, Unfreeze
+from .strategies import run_named_strategy
+from .transfer import new_head_learner
+from .zoo import packaged_weights
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "BNAffine", "FoldReport", "FuseReport", "RecalibrationReport", "ShiftReport", "bn_layers",
-    "bn_parameters", "bn_shift", "fold_bn", "freeze_bn_layers", "register_bn_layer", "fuse_conv_bn", "is_bn", "recalibrate_bn",
-    "BNSplitter", "body_bn_layers", "check_splittable", "frozen_state",
-    "rebuild_optimizer", "BNDecision", "BNPolicy", "BNPolicyCallback",
-    "choose_bn_policy", "decide_bn_policy", "FineTuneRecord", "PhaseRecord", "RangeTestResult",
-    "DEFAULT_FALLBACK_LR", "FineTuneCallback", "PlateauRule", "StopAtTarget", "UnfreezeOnPlateau",
-    "CachedWarmup", "FeatureCache", "augmentations", "cached_warmup", "compute_features", "inference_model", "FrozenBodyShortcut", "frozen_prefix", "Advice", "logme", "WeightDiagnostics", "layer_weights", "relative_change",
-    "learner_snapshot", "range_test", "restore_learner", "cut_body", "new_head_learner", "simple_head",
+    # fine-tuning schedules
+    "FineTuneCallback", "Unfreeze", "RangeTest", "range_test", "FineTuneRecord", "run_named_strategy",
+    # BatchNorm policies and the pure-PyTorch BN toolkit
+    "BNPolicy", "BNPolicyCallback", "BNAffine", "fold_bn", "recalibrate_bn", "freeze_bn_layers", "bn_shift",
+    "register_bn_layer", "fuse_conv_bn", "inference_model",
+    # seeing what happened, speed, models and data
+    "WeightDiagnostics", "FrozenPrefix", "cached_warmup", "logme", "new_head_learner", "packaged_weights",
 ]

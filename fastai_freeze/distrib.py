@@ -49,9 +49,10 @@ def local_fit_state(learn) -> Iterator[None]:
     """Inside, the Learner fits on its own: the model unwrapped from DDP and the DataLoaders unwrapped
     from fastai's `DistributedDL` (whose index broadcast would make every rank wait for the others),
     so a probe can run on each process independently. Both are put back afterwards."""
+    from .internals import unwrap_distributed_dls
     model, dls = learn.model, list(learn.dls.loaders)
     learn.model = unwrap_model(model)
-    learn.dls.loaders = [dl.dl if type(dl).__name__ == "DistributedDL" else dl for dl in dls]
+    learn.dls.loaders = unwrap_distributed_dls(learn)
     try:
         yield
     finally:

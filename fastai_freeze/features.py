@@ -6,11 +6,9 @@ head fit per epoch. Features over a memory budget go to a memory-mapped file, re
 """
 from __future__ import annotations
 
-import random
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,22 +18,47 @@ from fastai.callback.progress import ProgressCallback
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.learner import Learner
-from fastai.vision.augment import RandTransform
+from fastai.vision.augment import RandTransform, Resize, ResizeMethod
 from torch import nn
 
 from .core.fuse import inference_model
+from .core.state import kept_random_state
 
-__all__ = ["augmentations", "FeatureCache", "compute_features", "cached_warmup", "CachedWarmup"]
+__all__ = ["random_transforms", "check_cacheable", "FeatureCache", "compute_features", "cached_warmup", "CachedWarmup"]
 
 
-def augmentations(dl) -> list[str]:
-    "Names of the random, training-only transforms of a fastai DataLoader (augmentation)."
+def random_transforms(dl) -> list[str]:
+    """The transforms of a fastai DataLoader that are random on its own split, each with why.
+
+    On a training DataLoader: every `RandTransform` with `p > 0` (the `aug_transforms` family,
+    `RandomResizedCrop`, `Flip`...), and `Resize` unless `method='squish'`: fastai's crop-resize takes
+    a random crop and pad-resize places the image at a random offset, on the training set, for any
+    image whose aspect ratio differs from the target's. Transforms of the other split are ignored;
+    deterministic ones (`ToTensor`, `IntToFloatTensor`, `Normalize`, squish-resize...) are cacheable.
+    """
+    split = getattr(dl, "split_idx", 0)
     found = []
     for attr in ("after_item", "before_batch", "after_batch"):
         for t in getattr(getattr(dl, attr, None), "fs", []):
-            if isinstance(t, RandTransform) or getattr(t, "split_idx", None) == 0:
+            if getattr(t, "split_idx", None) not in (None, split):
+                continue
+            if isinstance(t, Resize):
+                if t.method != ResizeMethod.Squish:
+                    found.append(f"Resize(method='{t.method}') (a random {'crop' if t.method == 'crop' else 'offset'} "
+                                 "per image on the training set)")
+            elif isinstance(t, RandTransform) and getattr(t, "p", 1) > 0:
                 found.append(type(t).__name__)
     return found
+
+
+def check_cacheable(learn: Learner) -> None:
+    "Raise `ValueError`, saying what to change, when the training data cannot be cached (random transforms)."
+    rand = random_transforms(learn.dls.train)
+    if rand:
+        raise ValueError(f"the training data has random transforms: {'; '.join(rand)}. Features that differ every "
+                         "epoch cannot be cached: use Resize(size, method='squish') (or ResizeMethod.Squish) for a "
+                         "deterministic resize, leave augmentation (aug_transforms) out of the warm-up, or drop "
+                         "cache_features")
 
 
 @dataclass
@@ -125,17 +148,6 @@ class CachedWarmup:
     iter_lrs: list = field(default_factory=list)
 
 
-@contextmanager
-def _random_state_kept():
-    py, npy = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        try:
-            yield
-        finally:
-            random.setstate(py)
-            np.random.set_state(npy)
-
-
 def _body_head(learn: Learner) -> tuple[nn.Module, nn.Module]:
     m = learn.model
     if not (isinstance(m, nn.Sequential) and len(m) == 2):
@@ -157,11 +169,7 @@ def cached_warmup(learn: Learner, epochs: int, lr: float = 2e-3, memory_budget: 
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     body, head = _body_head(learn)
-    aug = augmentations(learn.dls.train)
-    if aug:
-        raise ValueError(f"the training data is augmented ({', '.join(aug)}): features differ every epoch, so "
-                         "they cannot be cached. Warm up without cache_features, or build DataLoaders "
-                         "without random transforms for the warm-up")
+    check_cacheable(learn)
     trainable = [n for n, p in body.named_parameters() if p.requires_grad]
     if trainable:
         raise ValueError(f"{len(trainable)} body parameters are trainable (e.g. {trainable[0]}): cached features "
@@ -169,10 +177,10 @@ def cached_warmup(learn: Learner, epochs: int, lr: float = 2e-3, memory_budget: 
     t0 = time.perf_counter()
     # computing the features consumes no random numbers: the head's fit draws the same dropout masks
     # and batch order as the normal warm-up would
-    with _random_state_kept():
+    with kept_random_state():
         train = compute_features(body, learn.dls.train, memory_budget, tmp_dir)
     try:
-        with _random_state_kept():
+        with kept_random_state():
             valid = compute_features(body, learn.dls.valid, memory_budget, tmp_dir)
         try:
             feat_secs = time.perf_counter() - t0

@@ -7,18 +7,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import torch
-from fastai.callback.core import Callback
+import numpy as np
 from fastai.learner import Learner
 from fastcore.basics import patch
 from fastcore.foundation import L
 from torch import nn
 
 from .core.bn import bn_layers, bn_parameters
-from .distrib import unwrap_model
 
-__all__ = ["check_splittable", "body_bn_layers", "head_bn_layers", "set_frozen_bn_trainable", "frozen_state", "trainable_groups", "BNSplitter",
-           "rebuild_optimizer", "frozen_prefix", "FrozenBodyShortcut"]
+__all__ = ["check_splittable", "body_bn_layers", "head_bn_layers", "set_frozen_bn_trainable", "frozen_state",
+           "trainable_groups", "BNSplitter", "rebuild_optimizer", "frozen_prefix", "staged_splitter"]
 
 _SPLITTER_HINT = (
     "Give the Learner a splitter that returns [body_params, head_params], for example "
@@ -106,21 +104,34 @@ def set_frozen_bn_trainable(learn: Learner, trainable: bool) -> list[nn.Paramete
     return out
 
 
-@patch
-def freeze_body(self: Learner, bn_trainable: bool = True, n: int = -1) -> list[tuple[int, int]]:
-    """Freeze the parameter groups before `n` (all but the head by default), BN as asked.
+def _policy_freezes_bn(learn: Learner) -> bool:
+    "Whether the BN policy set on this Learner (if any) freezes BN parameters while the body is frozen."
+    for cb in learn.cbs:
+        dec = getattr(cb, "decision", None)
+        if type(cb).__name__ == "BNPolicyCallback" and dec is not None:
+            return dec.freeze_bn
+    return False
 
-    `bn_trainable=True` is "freeze non-BN layers": the BN affine parameters of the frozen groups
-    stay trainable whatever the Learner's `train_bn` says; `False` freezes them too. Raises
-    `ValueError` on a one-group model. Returns `frozen_state(learn)`.
+
+@patch
+def freeze_body(self: Learner, freeze_bn: bool | None = None, n: int = -1) -> list[tuple[int, int]]:
+    """Freeze the parameter groups before `n` (all but the head by default), BN as `freeze_bn` says.
+
+    `freeze_bn=False` is "freeze non-BN layers": the BN affine parameters of the frozen groups stay
+    trainable whatever the Learner's `train_bn` says; `True` freezes them too; `None` (default) does
+    what the Learner's BN policy says (`learn.apply_bn_policy`: frozen under 'frozen'), else False.
+    Raises `ValueError` on a one-group model. Returns `frozen_state(learn)`.
     """
+    if freeze_bn is not None and not isinstance(freeze_bn, bool):
+        raise TypeError(f"freeze_bn must be True, False or None, got {freeze_bn!r}")
     check_splittable(self)
     ngroups = len(self.opt.param_lists)
-    if not -ngroups < n < ngroups or n == 0:
-        raise ValueError(f"n={n}: pick a group index that leaves at least one group trainable and one "
+    if not isinstance(n, int) or not -ngroups < n < ngroups or n == 0:
+        raise ValueError(f"n={n!r}: pick a group index that leaves at least one group trainable and one "
                          f"frozen, between 1 and {ngroups - 1} (or -1 for 'all but the head')")
+    freeze_bn = _policy_freezes_bn(self) if freeze_bn is None else freeze_bn
     self.opt.freeze_to(n)
-    set_frozen_bn_trainable(self, bn_trainable)
+    set_frozen_bn_trainable(self, not freeze_bn)
     self.opt.clear_state()
     return frozen_state(self)
 
@@ -187,6 +198,59 @@ def rebuild_optimizer(learn: Learner) -> None:
     new.frozen_idx = getattr(old, "frozen_idx", 0)
 
 
+def _size(m: nn.Module, ids: set[int]) -> int:
+    return sum(p.numel() for p in m.parameters() if id(p) in ids)
+
+
+def _blocks(model: nn.Module, ids: set[int]) -> list[list[nn.Parameter]]:
+    """The body's parameters (`ids`) as blocks in execution order: the children of the first module
+    with more than one child holding body parameters, with a child that holds most of the body
+    (timm's `blocks`) opened up into its own children."""
+    node = model
+    while len(kids := [c for c in node.children() if _size(c, ids)]) == 1:
+        node = kids[0]
+    total = sum(_size(c, ids) for c in kids)
+    items = []
+    for c in kids:
+        inner = [g for g in c.children() if _size(g, ids)]
+        items += inner if _size(c, ids) > 0.8 * total and len(inner) > 1 else [c]
+    out, seen = [], set()
+    for m in items:
+        ps = [p for p in m.parameters() if id(p) in ids and id(p) not in seen]
+        seen.update(id(p) for p in ps)
+        out.append(ps)
+    rest = [p for p in model.parameters() if id(p) in ids and id(p) not in seen]
+    return [b for b in out + [rest] if b]
+
+
+class _StagedSplitter:
+    "A splitter whose body groups are re-cut into contiguous stages (gradual unfreezing of a 2-group Learner)."
+
+    def __init__(self, splitter: Callable, parts: int):
+        self.splitter, self.parts, self.how = splitter, parts, ""
+
+    def __call__(self, model: nn.Module) -> list[list[nn.Parameter]]:
+        groups = _groups(self.splitter(model))
+        blocks = _blocks(model, {id(p) for g in groups[:-1] for p in g})
+        sizes = np.cumsum([sum(p.numel() for p in b) for b in blocks])
+        parts = min(self.parts, len(blocks))
+        cuts, prev = [], 0
+        for k in range(1, parts):  # each cut where the parameter count is closest to k/parts of the body's
+            options = range(prev + 1, len(blocks) - (parts - k) + 1)
+            prev = min(options, key=lambda i: abs(sizes[i - 1] - sizes[-1] * k / parts))
+            cuts.append(prev)
+        bounds = [0] + cuts + [len(blocks)]
+        self.how = f"{len(blocks)} blocks in execution order, cut near equal parameter counts"
+        return [[p for b in blocks[a:z] for p in b] for a, z in zip(bounds, bounds[1:])] + [groups[-1]]
+
+
+def staged_splitter(splitter: Callable, parts: int = 2) -> _StagedSplitter:
+    "`splitter` with the body cut into `parts` contiguous stages of about equal size (the head stays last)."
+    if parts < 2:
+        raise ValueError(f"parts must be >= 2, got {parts}")
+    return _StagedSplitter(splitter, parts)
+
+
 def frozen_prefix(model: nn.Module) -> list[nn.Module]:
     """The leading modules of a `Sequential` model whose parameters are all frozen, in order.
 
@@ -209,51 +273,4 @@ def frozen_prefix(model: nn.Module) -> list[nn.Module]:
 
     if isinstance(model, nn.Sequential):
         walk(model)
-    return out
-
-
-class FrozenBodyShortcut(Callback):
-    """Run the frozen leading part of the model without autograd during training batches.
-
-    While nothing in that part trains, its forward pass builds no graph and keeps no activations for
-    backward (`torch.no_grad` around each frozen module, through hooks registered for the training
-    phase of each epoch and removed after it). As soon as a parameter there is trainable again, that
-    module leaves the shortcut at the next epoch. Results are identical to the normal path. fastai
-    runs no event when a fit dies of an ordinary exception: `fine_tune_with` then calls
-    `remove_hooks()` itself; in a plain fit, call it yourself.
-    """
-    order = 0
-    _pause_in_probe = False
-
-    def __init__(self):
-        self._handles: list = []
-        self.modules: list[nn.Module] = []
-
-    def before_train(self):
-        self.remove_hooks()
-        model = unwrap_model(self.learn.model)
-        self.modules = [m for m in frozen_prefix(model) if any(True for _ in m.parameters())]
-        for m in self.modules:
-            self._handles.append(m.register_forward_pre_hook(_grad_off))
-            self._handles.append(m.register_forward_hook(_grad_back, always_call=True))
-
-    def after_train(self):
-        self.remove_hooks()
-
-    def after_fit(self):
-        self.remove_hooks()
-
-    def remove_hooks(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-
-def _grad_off(mod, args):
-    mod._fastai_freeze_grad = torch.is_grad_enabled()
-    torch.set_grad_enabled(False)
-
-
-def _grad_back(mod, args, out):
-    torch.set_grad_enabled(getattr(mod, "_fastai_freeze_grad", True))
     return out

@@ -12,7 +12,8 @@ class RangeTestResult:
     """One learning-rate range test: the curve, the suggestion method and the point it chose.
 
     `lrs`/`losses` are the part of the curve the suggestion saw (fastai's `lr_find` cut: the
-    first tenth and the last 5 points dropped, and everything from the first NaN on).
+    first tenth and the last 5 points dropped, and everything from the first NaN on); `curve` says
+    which loss it is ('training loss' or 'held-out loss'), `lrs` are the head group's rates.
     """
     lrs: list[float]
     losses: list[float]
@@ -24,6 +25,7 @@ class RangeTestResult:
     full_lrs: list[float] = field(default_factory=list)
     full_losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    curve: str = ""
 
     def __str__(self) -> str:
         s = f"{self.method} -> {self.suggestion:.3g}"

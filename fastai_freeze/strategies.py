@@ -89,7 +89,7 @@ def _features(learn: Learner, epochs: int, freeze_epochs: int) -> FineTuneRecord
     "Head only: the body never unfreezes and its BN stays in eval mode (a fixed feature extractor)."
     def fit():
         learn.apply_bn_policy("frozen")
-        learn.freeze_body(bn_trainable=False)
+        learn.freeze_body(freeze_bn=True)
         learn.fit_one_cycle(epochs + freeze_epochs, 2e-3)
     return _logged(learn, ["head only"], "frozen", fit)
 

@@ -83,5 +83,5 @@ def new_head_learner(source, dls, n_out: int | None = None, head: str = "fastai"
             dls.add_tfms([Normalize(t.mean, t.std, t.axes)], "after_batch")
     learn = Learner(dls, net, loss_func=loss_func or CrossEntropyLossFlat(), splitter=splitter,
                     metrics=metrics, **kwargs)
-    learn.freeze_body(bn_trainable=True)
+    learn.freeze_body(freeze_bn=False)
     return learn

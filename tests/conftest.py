@@ -12,7 +12,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 from fastai.metrics import accuracy  # noqa: E402
 
-from fastai_freeze.data import TARGET_CLASSES, make_patterns, pretrained_tiny_resnet, tensor_dls  # noqa: E402
+from fastai_freeze.demo.data import TARGET_CLASSES, make_patterns, pretrained_tiny_resnet, tensor_dls  # noqa: E402
 from fastai_freeze.transfer import new_head_learner  # noqa: E402
 
 

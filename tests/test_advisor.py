@@ -4,7 +4,7 @@ import torch
 
 import fastai_freeze  # noqa: F401
 from fastai_freeze.advisor import Advice, logme
-from fastai_freeze.data import load_digits_images, tensor_dls
+from fastai_freeze.demo.data import load_digits_images, tensor_dls
 from fastai_freeze.transfer import new_head_learner
 
 

@@ -1,7 +1,7 @@
 import pytest
 from PIL import Image
 
-from fastai_freeze.cli import (
+from fastai_freeze.demo.cli import (
     CLIError,
     cached_weights_path,
     folder_dls_factory,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fastai_freeze.data import (
+from fastai_freeze.demo.data import (
     PATTERNS,
     SOURCE_CLASSES,
     TinyResNet,

@@ -1,7 +1,7 @@
 import pytest
 
-from fastai_freeze.cli import main
-from fastai_freeze.data import tensor_dls
+from fastai_freeze.demo.cli import main
+from fastai_freeze.demo.data import tensor_dls
 from fastai_freeze.demo import SCENARIOS, STRATEGIES, embedded_learner_factory, format_table, run_strategy
 
 

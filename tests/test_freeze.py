@@ -9,7 +9,7 @@ from torchvision.models import resnet18
 
 import fastai_freeze  # noqa: F401  (the Learner patches)
 from fastai_freeze.core.bn import bn_layers, bn_parameters, is_bn
-from fastai_freeze.data import tensor_dls
+from fastai_freeze.demo.data import tensor_dls
 from fastai_freeze.freeze import BNSplitter, body_bn_layers, frozen_state
 
 
@@ -19,23 +19,23 @@ def _dls(bs=8):
     return tensor_dls(x[:24], y[:24], x[24:], y[24:], bs=bs)
 
 
-def _check_body_frozen_bn(learn, bn_trainable):
+def _check_body_frozen_bn(learn, freeze_bn):
     head = learn.opt.param_lists[-1]
     body_bn = {id(p) for _, m in body_bn_layers(learn.model, head) for p in m.parameters(recurse=False)}
     assert body_bn, "the model should have BN layers in its body"
     for pg in learn.opt.param_lists[:-1]:
         for p in pg:
-            assert p.requires_grad == (bn_trainable and id(p) in body_bn)
+            assert p.requires_grad == (not freeze_bn and id(p) in body_bn)
     assert all(p.requires_grad for p in head)
 
 
 @pytest.mark.parametrize("train_bn", [True, False])
-@pytest.mark.parametrize("bn_trainable", [True, False])
-def test_freeze_body_on_vision_learner_ignores_train_bn(train_bn, bn_trainable):
+@pytest.mark.parametrize("freeze_bn", [True, False])
+def test_freeze_body_on_vision_learner_ignores_train_bn(train_bn, freeze_bn):
     learn = vision_learner(_dls(), resnet18, pretrained=False, n_out=3, train_bn=train_bn)
-    learn.freeze_body(bn_trainable=bn_trainable)
+    learn.freeze_body(freeze_bn=freeze_bn)
     assert len(learn.opt.param_lists) == 3
-    _check_body_frozen_bn(learn, bn_trainable)
+    _check_body_frozen_bn(learn, freeze_bn)
     learn.unfreeze()  # fastai's own unfreeze undoes it
     assert all(p.requires_grad for p in learn.model.parameters())
 
@@ -43,7 +43,10 @@ def test_freeze_body_on_vision_learner_ignores_train_bn(train_bn, bn_trainable):
 def test_freeze_body_timm_model():
     pytest.importorskip("timm")
     learn = vision_learner(_dls(), "resnet18", pretrained=False, n_out=3)
-    learn.freeze_body(bn_trainable=True)
+    learn.freeze_body()  # default: no BN policy on the Learner, so BN parameters train ("freeze non-BN")
+    _check_body_frozen_bn(learn, False)
+    learn.apply_bn_policy("frozen")
+    learn.freeze_body()  # default: as the Learner's policy says
     _check_body_frozen_bn(learn, True)
 
 
@@ -65,7 +68,7 @@ def _custom_learner(splitter=None):
 
 def test_custom_splitter_and_head_bn_untouched():
     learn = _custom_learner(lambda m: [params(m.body), params(m.head)])
-    state = learn.freeze_body(bn_trainable=False)
+    state = learn.freeze_body(freeze_bn=True)
     assert state == [(0, 8), (4, 4)]
     assert learn.model.head[2].weight.requires_grad  # the head's BN is the head's
     names = [n for n, _ in body_bn_layers(learn.model, learn.opt.param_lists[-1])]
@@ -89,7 +92,7 @@ def test_bn_splitter_gives_bn_its_own_group():
     assert {id(p) for p in groups[2]} == bn_ids
     assert not any(id(p) in bn_ids for g in groups[:2] for p in g)
     assert sum(len(g) for g in groups) == len(list(learn.model.parameters()))
-    learn.freeze_body(bn_trainable=True)
+    learn.freeze_body(freeze_bn=False)
     assert frozen_state(learn) == [(0, len(groups[0])), (0, len(groups[1])), (len(groups[2]), len(groups[2])),
                                    (len(groups[3]), len(groups[3]))]
     learn.opt.set_hyper("lr", [1e-5, 1e-4, 5e-3, 1e-2])  # its own rate

@@ -8,7 +8,8 @@ from fastai.learner import load_learner
 import fastai_freeze  # noqa: F401
 from fastai_freeze.core.bn import BNAffine, bn_layers
 from fastai_freeze.freeze import body_bn_layers
-from fastai_freeze.policy import BNPolicy, BNPolicyCallback, choose_bn_policy
+from fastai_freeze.core.logme import StatisticsProbe
+from fastai_freeze.policy import BNPolicy, BNPolicyCallback, choose_bn_policy, decide_bn_policy
 
 
 class Spy(Callback):
@@ -165,29 +166,81 @@ def test_unknown_policy_and_conflicts_are_clear_errors(make_learner):
     assert BNPolicy.parse("FOLD") is BNPolicy.FOLD
 
 
+def _probe(pre, new):
+    return StatisticsProbe(pre, new, 0.3, 256, 0.1)
+
+
 def test_auto_choice_rules():
-    assert choose_bn_policy(64).policy is BNPolicy.TRAIN
-    assert choose_bn_policy(64, freeze_bn=True).policy is BNPolicy.FROZEN
-    small = choose_bn_policy(4, shift=0.01)
-    assert small.policy is BNPolicy.FOLD and "4 < 16" in small.reason
-    assert choose_bn_policy(4, freeze_bn=True).policy is BNPolicy.FROZEN
-    far = choose_bn_policy(4, shift=0.5)
-    assert far.policy is BNPolicy.ADAPT and "0.50" in far.reason
-    assert choose_bn_policy(64, shift=0.5).policy is BNPolicy.ADAPT  # at any batch size
+    keep = choose_bn_policy(_probe(0.20, 0.10), batch_size=8)
+    assert keep.policy is BNPolicy.FROZEN and keep.freeze_bn and "pretrained statistics are kept" in keep.reason
+    assert "0.200" in keep.reason and "0.100" in keep.reason  # the measurements are in the reason
+    assert choose_bn_policy(_probe(0.20, 0.10), freeze_bn=False).policy is BNPolicy.FOLD
+    new = choose_bn_policy(_probe(0.10, 0.20), batch_size=64)
+    assert new.policy is BNPolicy.ADAPT and not new.freeze_bn and "re-estimated" in new.reason
+    assert choose_bn_policy(_probe(0.10, 0.20), freeze_bn=True).freeze_bn
+    assert choose_bn_policy(_probe(0.10, 0.10)).policy is BNPolicy.FROZEN  # a tie keeps what was pretrained
 
 
-@pytest.mark.parametrize("bs,expected", [(4, BNPolicy.FOLD), (32, BNPolicy.TRAIN)])
-def test_auto_on_a_learner_measures_batch_and_shift(make_learner, bs, expected):
-    learn = make_learner(bs=bs)
-    d = learn.apply_bn_policy("auto")
-    assert d.batch_size == bs and d.shift is not None and d.shift < 0.1
-    assert d.policy is expected
-
-
-def test_policy_on_model_without_bn_is_a_clear_no_op(make_learner):
-    from fastai_freeze.policy import BNDecision, apply_bn_policy_now
+def test_auto_keeps_the_pretrained_statistics_where_they_fit(make_learner):
+    "Unseen pattern classes through the pattern model: its own statistics describe them (measured)."
     learn = make_learner(bs=16)
-    assert apply_bn_policy_now(learn, BNDecision(BNPolicy.TRAIN, False, "asked")) == "no module changed"
+    state = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    rng = torch.get_rng_state()
+    d = decide_bn_policy(learn, "auto")
+    assert d.policy is BNPolicy.FROZEN and d.probe.gain < 0 and d.probe.samples == 96
+    assert torch.equal(torch.get_rng_state(), rng)  # the probe leaves the random state alone
+    for k, v in learn.model.state_dict().items():
+        assert torch.equal(v, state[k]), k  # and the model
+
+
+def test_auto_re_estimates_statistics_that_do_not_fit(make_learner):
+    "A constructed case: the body's running statistics scrambled, so its eval-mode features are noise."
+    learn = make_learner(bs=16)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, m in body_bn_layers(learn.model, learn.opt.param_lists[-1]):
+            m.running_mean.add_(torch.randn(m.running_mean.shape, generator=g) * 20)
+            m.running_var.mul_(torch.rand(m.running_var.shape, generator=g) * 1e3 + 1e-3)
+    d = learn.apply_bn_policy("auto")
+    assert d.policy is BNPolicy.ADAPT and d.probe.gain > 0
+    assert all(isinstance(m, BNAffine) for _, m in bn_layers(learn.model[0]))
+
+
+@pytest.mark.parametrize("bs,folded", [(8, True), (16, False)])
+def test_head_bn_is_folded_at_its_initial_statistics_below_batch_16(make_learner, bs, folded):
+    learn = make_learner(bs=bs)
+    head_bn = [m for _, m in bn_layers(learn.model[1])]
+    gamma_beta = [(m.weight.detach().clone(), m.bias.detach().clone()) for m in head_bn]
+    d = learn.apply_bn_policy("frozen")
+    now = [m for _, m in bn_layers(learn.model[1])]
+    assert len(now) == len(head_bn) == 2
+    if folded:
+        assert all(isinstance(m, BNAffine) for m in now) and "initial statistics" in d.details[-1]
+        for m, (gamma, beta) in zip(now, gamma_beta):  # gamma * x + beta (mean 0, variance 1), trainable
+            torch.testing.assert_close(m.effective_weight.detach(), gamma, atol=1e-4, rtol=0)
+            torch.testing.assert_close(m.bias.detach(), beta) and m.weight.requires_grad
+    else:
+        assert now == head_bn  # batch statistics, as fastai trains them
+    # the body's BN layers are what 'frozen' keeps in eval mode; under 'train' nothing changes
+    learn2 = make_learner(bs=bs)
+    learn2.apply_bn_policy("train")
+    assert not any(isinstance(m, BNAffine) for _, m in bn_layers(learn2.model))
+
+
+def test_policy_on_model_without_bn_is_a_clear_no_op():
+    timm = pytest.importorskip("timm")
+    from fastai.vision.learner import vision_learner
+
+    from fastai_freeze.demo.data import tensor_dls
+    x, y = torch.rand(24, 3, 32, 32), torch.randint(0, 3, (24,))
+    learn = vision_learner(tensor_dls(x[:16], y[:16], x[16:], y[16:], bs=8), "convnext_atto", pretrained=False, n_out=3)
+    assert not bn_layers(learn.model[0]) and timm is not None
+    state = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    for policy in ("auto", "fold", "frozen"):
+        d = learn.apply_bn_policy(policy)
+        assert "no BatchNorm layer" in d.reason and "changes nothing" in d.reason
+    for k, v in learn.model.state_dict().items():
+        assert torch.equal(v, state[k]), k
 
 
 def test_syncbatchnorm_is_handled_by_every_policy(make_learner):
@@ -203,11 +256,11 @@ def test_syncbatchnorm_is_handled_by_every_policy(make_learner):
     learn = make_learner(bs=16)
     learn.model = nn.SyncBatchNorm.convert_sync_batchnorm(learn.model)
     learn.create_opt()
-    learn.freeze_body(bn_trainable=True)  # freeze non-BN: SyncBN params stay trainable
+    learn.freeze_body(freeze_bn=False)  # freeze non-BN: SyncBN params stay trainable
     body = [m for _, m in body_bn_layers(learn.model, learn.opt.param_lists[-1])]
     assert body and all(isinstance(m, nn.SyncBatchNorm) for m in body)
     assert all(p.requires_grad for m in body for p in m.parameters())
-    learn.freeze_body(bn_trainable=False)
+    learn.freeze_body(freeze_bn=True)
     assert not any(p.requires_grad for m in body for p in m.parameters())
     cb = BNPolicyCallback("frozen")
     learn.add_cb(cb)

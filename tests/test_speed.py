@@ -8,7 +8,7 @@ from fastai.learner import load_learner
 from fastai.vision.augment import Flip
 
 import fastai_freeze  # noqa: F401
-from fastai_freeze.data import tensor_dls
+from fastai_freeze.demo.data import tensor_dls
 from fastai_freeze.features import augmentations, cached_warmup, compute_features
 from fastai_freeze.freeze import FrozenBodyShortcut, frozen_prefix
 from fastai_freeze.core.fuse import inference_model
@@ -31,7 +31,7 @@ class HeadInputSpy(Callback):
 def _fit(make_learner, shortcut, seed=0):
     learn = make_learner(bs=16, seed=seed)
     learn.apply_bn_policy("frozen")
-    learn.freeze_body(bn_trainable=False)
+    learn.freeze_body(freeze_bn=True)
     spy = HeadInputSpy()
     cbs = [spy] + ([FrozenBodyShortcut()] if shortcut else [])
     torch.manual_seed(seed)
@@ -52,11 +52,11 @@ def test_shortcut_gives_identical_results_without_a_graph(make_learner):
 
 def test_frozen_prefix_follows_the_freeze_state(make_learner):
     learn = make_learner(bs=16)
-    learn.freeze_body(bn_trainable=False)
+    learn.freeze_body(freeze_bn=True)
     prefix = frozen_prefix(learn.model)
     assert prefix[0] is learn.model[0]  # the body, then the head's parameter-free pooling layers
     assert prefix[1:] and all(not list(m.parameters()) for m in prefix[1:])
-    learn.freeze_body(bn_trainable=True)  # BN trains: nothing of the body may skip autograd
+    learn.freeze_body(freeze_bn=False)  # BN trains: nothing of the body may skip autograd
     assert learn.model[0][0] in frozen_prefix(learn.model) and learn.model[0] not in frozen_prefix(learn.model)
     learn.unfreeze()
     assert frozen_prefix(learn.model) == []
@@ -72,7 +72,7 @@ def test_cached_warmup_matches_the_normal_warmup(make_learner, target_data, sour
         torch.manual_seed(0)
         learn = new_head_learner(source_model, dls)
         learn.apply_bn_policy("frozen")
-        learn.freeze_body(bn_trainable=False)
+        learn.freeze_body(freeze_bn=True)
         return learn
 
     normal = learner()
@@ -97,7 +97,7 @@ def test_memory_budget_spills_to_disk_and_cleans_up(make_learner, tmp_path):
     cache.close()
     assert not any(tmp_path.iterdir())
     learn.apply_bn_policy("frozen")
-    learn.freeze_body(bn_trainable=False)
+    learn.freeze_body(freeze_bn=True)
     cw = cached_warmup(learn, 1, 1e-3, memory_budget=0, tmp_dir=str(tmp_path))
     assert cw.on_disk and not any(tmp_path.iterdir())
 
@@ -113,7 +113,7 @@ def test_cached_warmup_refuses_what_it_cannot_cache(make_learner):
     learn = make_learner(bs=16)
     with pytest.raises(ValueError, match="body parameters are trainable"):
         cached_warmup(learn, 1)  # BN trainable in the frozen body
-    learn.freeze_body(bn_trainable=False)
+    learn.freeze_body(freeze_bn=True)
     learn.dls.train.after_batch = Pipeline([Flip()])
     assert augmentations(learn.dls.train) == ["Flip"]
     with pytest.raises(ValueError, match="augmented .*Flip"):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["kept_modes", "kept_random_state", "kept_grad_mode", "first_tensor", "device_of"]
+__all__ = ["kept_modes", "random_state", "set_random_state", "kept_random_state", "kept_grad_mode", "first_tensor", "device_of"]
 
 
 @contextmanager
@@ -27,20 +27,30 @@ def kept_modes(model: nn.Module) -> Iterator[dict[nn.Module, bool]]:
             m.training = t
 
 
+def random_state() -> tuple:
+    "Python's, NumPy's and torch's (CPU and, once initialised, CUDA) random states."
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+
+def set_random_state(state: tuple) -> None:
+    "Give back the states `random_state()` returned."
+    py, npy, cpu, cuda = state
+    random.setstate(py)
+    np.random.set_state(npy)
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
 @contextmanager
 def kept_random_state() -> Iterator[None]:
-    "Python's, NumPy's and torch's (CPU and CUDA) random states, given back on exit."
-    py, npy = random.getstate(), np.random.get_state()
-    cpu = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    "Python's, NumPy's and torch's random states, given back on exit."
+    state = random_state()
     try:
         yield
     finally:
-        random.setstate(py)
-        np.random.set_state(npy)
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
+        set_random_state(state)
 
 
 @contextmanager

@@ -1,13 +1,18 @@
-"""The command line: `python -m fastai_freeze demo|compare`."""
+"""The command line: `python -m fastai_freeze demo|compare`.
+
+Every user error is found before any training and printed as one line (`error: ...`), exit code 2.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["main", "folder_dls_factory", "torchvision_learner_factory", "cached_weights_path"]
+__all__ = ["main", "CLIError", "check_folder", "FolderTask", "learner_factory", "cached_weights_path"]
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+DEFAULT_ARCH = "tf_efficientnet_lite0"
 
 
 class CLIError(ValueError):
@@ -15,15 +20,34 @@ class CLIError(ValueError):
 
 
 def _images(path: Path) -> list[Path]:
-    return [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()]
+    return sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
 
 
-def folder_dls_factory(path: str | Path, size: int = 128, valid_pct: float = 0.2):
-    """Check an image folder and return `make_dls(bs, seed)` over it with fastai's `from_folder`.
+def _classes(root: Path, imgs: list[Path]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for p in imgs:
+        if p.parent != root:
+            out[p.parent.name] = out.get(p.parent.name, 0) + 1
+    return out
+
+
+@dataclass(frozen=True)
+class FolderLayout:
+    "What `check_folder` found: the split, the classes and how many training images there are."
+    path: Path
+    valid_name: str | None
+    classes: list[str]
+    n_images: int
+    n_train: int
+
+
+def check_folder(path: str | Path, valid_pct: float = 0.2) -> FolderLayout:
+    """Check an image folder before anything is trained; raise `CLIError` saying what is wrong.
 
     Layouts: `path/train/<class>/*` with `path/valid/<class>/*` (or `val`), or `path/<class>/*`
-    (20% held out at random). Raises `CLIError` for a missing path, no images, or fewer than two classes.
+    (`valid_pct` held out at random). Every image is opened once (a corrupt file is named).
     """
+    from PIL import Image, UnidentifiedImageError
     path = Path(path)
     if not path.exists():
         raise CLIError(f"{path}: no such folder")
@@ -34,21 +58,29 @@ def folder_dls_factory(path: str | Path, size: int = 128, valid_pct: float = 0.2
     imgs = _images(train_root)
     if not imgs:
         raise CLIError(f"{path}: no image files ({', '.join(sorted(IMAGE_EXTS))}) found")
-    classes = sorted({p.parent.name for p in imgs if p.parent != train_root})
-    if len(classes) < 2:
-        found = f"one class ({classes[0]!r})" if classes else "no class folders"
+    train_classes = _classes(train_root, imgs)
+    if len(train_classes) < 2:
+        found = f"one class ({next(iter(train_classes))!r})" if train_classes else "no class folders"
         raise CLIError(f"{path}: found {found}; a classifier needs images in at least two class "
                        f"sub-folders, e.g. {path}/cats/*.jpg and {path}/dogs/*.jpg")
-
-    def make(bs: int, seed: int):
-        from fastai.vision.all import ImageDataLoaders, Resize
-        kw = dict(item_tfms=Resize(size), bs=bs, seed=seed)
-        if valid_name:
-            return ImageDataLoaders.from_folder(path, train="train", valid=valid_name, **kw)
-        return ImageDataLoaders.from_folder(path, valid_pct=valid_pct, **kw)
-    make.classes = classes
-    make.n_images = len(imgs)
-    return make
+    n_train = int(len(imgs) * (1 - valid_pct))
+    if valid_name:
+        vimgs = _images(path / valid_name)
+        if not vimgs:
+            raise CLIError(f"{path / valid_name}: the validation folder holds no image files")
+        extra = sorted(set(_classes(path / valid_name, vimgs)) - set(train_classes))
+        if extra:
+            raise CLIError(f"{path / valid_name}: class(es) {extra} have validation images but no training images "
+                           f"in {train_root}")
+        n_train = len(imgs)
+        imgs = imgs + vimgs
+    for p in imgs:
+        try:
+            with Image.open(p) as im:
+                im.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise CLIError(f"{p}: not a readable image ({type(e).__name__}); remove or replace it") from None
+    return FolderLayout(path, valid_name, sorted(train_classes), len(imgs), n_train)
 
 
 def cached_weights_path(arch: str) -> Path:
@@ -63,52 +95,138 @@ def cached_weights_path(arch: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
 
 
-def torchvision_learner_factory(arch: str, pretrained: bool = True):
-    """`make_learner(dls, pretrained)` with fastai's `vision_learner` on a torchvision architecture.
+def _is_timm(arch: str) -> bool:
+    try:
+        import timm
+    except ImportError:
+        return False
+    return timm.is_model(arch)
 
-    Pretrained weights come from the local torch cache only; when they are missing, `CLIError` says
-    where they are expected and how to proceed.
+
+def _checked_state_dict(weights: Path, model) -> dict:
+    import torch
+    if not weights.is_file():
+        raise CLIError(f"{weights}: no such weights file")
+    try:
+        sd = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read it is the user's file being wrong
+        raise CLIError(f"{weights}: not a PyTorch state dict ({type(e).__name__})") from None
+    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    if not isinstance(sd, dict):
+        raise CLIError(f"{weights}: holds a {type(sd).__name__}, not a state dict")
+    ref = model.state_dict()
+    bad = [k for k, v in sd.items() if k in ref and tuple(v.shape) != tuple(ref[k].shape)]
+    common = [k for k in sd if k in ref]
+    if bad or len(common) < len([k for k in ref if not k.endswith("num_batches_tracked")]) // 2:
+        raise CLIError(f"{weights}: its tensors do not fit {type(model).__name__} "
+                       f"({len(common)} names in common, {len(bad)} with other shapes)")
+    return sd
+
+
+def learner_factory(arch: str = DEFAULT_ARCH, pretrained: bool = True, weights: str | Path | None = None):
+    """`make_learner(dls)` with fastai's `vision_learner` for a timm or torchvision architecture.
+
+    Weights: `weights` (a local state dict for `arch`), else the packaged ImageNet weights
+    (`fastai_freeze.zoo`) for the architectures that have them, else for torchvision the local torch
+    cache; nothing is downloaded. Problems raise `CLIError` before any training.
     """
     import torchvision
-    from fastai.metrics import accuracy
-    from fastai.vision.learner import vision_learner
-    fn = torchvision.models.get_model_builder(arch) if arch in torchvision.models.list_models() else None
-    if fn is None:
-        cached_weights_path(arch)  # raises the message with the known names
-    if pretrained:
-        p = cached_weights_path(arch)
-        if not p.exists():
-            raise CLIError(f"pretrained weights for {arch} are not in the local torch cache ({p}). Download "
-                           f"them once where there is network (e.g. torchvision.models.{arch}(weights='DEFAULT')), "
-                           f"copy the file there, or run with --no-pretrained to compare from random weights")
 
-    def make(dls, use_pretrained: bool):
+    from ..zoo import PACKAGED_WEIGHTS, packaged_weights
+    weights = Path(weights) if weights is not None else None
+    if _is_timm(arch):
+        import timm
+        if weights is not None:
+            _checked_state_dict(weights, timm.create_model(arch, pretrained=False))
+            kw = dict(arch=arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)))
+        elif pretrained and arch in PACKAGED_WEIGHTS:
+            try:
+                kw = packaged_weights(arch)
+            except ImportError as e:
+                raise CLIError(str(e)) from None
+        elif pretrained:
+            raise CLIError(f"no local ImageNet weights for {arch}: give --weights FILE (a state dict for it), use "
+                           f"one of {', '.join(PACKAGED_WEIGHTS)} (packaged weights), or --no-pretrained")
+        else:
+            kw = dict(arch=arch, pretrained=False)
+    elif arch in torchvision.models.list_models():
+        builder = torchvision.models.get_model_builder(arch)
+        if weights is not None:
+            sd = _checked_state_dict(weights, builder())
+
+            def with_weights(*args, **kwargs):
+                m = builder()
+                m.load_state_dict(sd, strict=False)
+                return m
+            kw = dict(arch=with_weights, pretrained=False)
+        else:
+            if pretrained and not cached_weights_path(arch).exists():
+                raise CLIError(f"pretrained weights for {arch} are not in the local torch cache "
+                               f"({cached_weights_path(arch)}): give --weights FILE, copy the file there, use "
+                               f"--arch {DEFAULT_ARCH} (packaged ImageNet weights), or --no-pretrained")
+            kw = dict(arch=builder, pretrained=pretrained)
+    else:
+        raise CLIError(f"unknown architecture {arch!r}: a timm name (e.g. {DEFAULT_ARCH}, resnet18, efficientnet_b0) "
+                       "or a torchvision one (e.g. resnet18, mobilenet_v3_small)")
+
+    def make(dls):
         import warnings
+
+        from fastai.metrics import accuracy
+        from fastai.vision.learner import vision_learner
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return vision_learner(dls, fn, pretrained=pretrained and use_pretrained, metrics=accuracy)
+            return vision_learner(dls, metrics=accuracy, **kw)
     return make
 
 
-def _strategies(text: str | None):
+@dataclass(frozen=True)
+class FolderTask:
+    "An image folder, rebuilt in any process: fastai's `from_folder` with a deterministic squish-resize."
+    layout: FolderLayout
+    size: int
+    arch: str
+    pretrained: bool
+    weights: str | None
+
+    @property
+    def name(self) -> str:
+        return self.layout.path.name
+
+    def learner(self, bs: int, seed: int):
+        import torch
+        from fastai.vision.all import ImageDataLoaders, Resize, ResizeMethod
+        kw = dict(item_tfms=Resize(self.size, method=ResizeMethod.Squish), bs=bs, seed=seed)
+        if self.layout.valid_name:
+            dls = ImageDataLoaders.from_folder(self.layout.path, train="train", valid=self.layout.valid_name, **kw)
+        else:
+            dls = ImageDataLoaders.from_folder(self.layout.path, valid_pct=0.2, **kw)
+        torch.manual_seed(seed)
+        return learner_factory(self.arch, self.pretrained, self.weights)(dls)
+
+
+def _strategies(text: str | None) -> list[str]:
     from ..strategies import STRATEGIES
-    if not text:
+    if text is None:
         return list(STRATEGIES)
     names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise CLIError(f"--strategies {text!r} names no strategy: choose from {', '.join(STRATEGIES)}")
     bad = [s for s in names if s not in STRATEGIES]
     if bad:
         raise CLIError(f"unknown strategies {bad}: choose from {', '.join(STRATEGIES)}")
-    return names
+    return list(dict.fromkeys(names))
 
 
-def _positive(name):
+def _count(name: str, minimum: int = 1):
     def check(v):
         try:
             n = int(v)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be a whole number, got {v!r}") from None
-        if n < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {n}")
+        if n < minimum:
+            why = " (BatchNorm needs more than one sample per batch in training)" if name == "--bs" else ""
+            raise argparse.ArgumentTypeError(f"{name} must be >= {minimum}, got {n}{why}")
         return n
     return check
 
@@ -117,21 +235,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastai_freeze",
                                 description="Compare fine-tuning strategies (BN policies, schedules).")
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="the strategy comparison on the embedded default data (no download)")
-    d.add_argument("--quick", action="store_true", help="a short version: 1 seed, fewer runs (under 3 minutes)")
-    d.add_argument("--seeds", type=_positive("--seeds"), default=3)
-    d.add_argument("--epochs", type=_positive("--epochs"), default=4, help="unfrozen epochs (plus 1 warm-up)")
+    d = sub.add_parser("demo", help="the strategy comparison on the embedded data (no download)")
+    d.add_argument("--network", choices=("real", "pattern"), default="real",
+                   help="real: ImageNet EfficientNet-Lite0 on Fashion-MNIST and digits (default); "
+                        "pattern: the small pattern model")
+    d.add_argument("--quick", action="store_true", help="one scenario, one seed (about 3 minutes)")
+    d.add_argument("--seeds", type=_count("--seeds"), default=3)
+    d.add_argument("--epochs", type=_count("--epochs"), default=2, help="unfrozen epochs (plus 1 warm-up)")
     d.add_argument("--strategies", help="comma-separated names (default: all)")
+    d.add_argument("--workers", type=_count("--workers"), default=2, help="processes sharing the runs")
     d.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for the plots and the table")
     c = sub.add_parser("compare", help="the strategy comparison on your own image folder")
     c.add_argument("path", type=Path)
-    c.add_argument("--arch", default="resnet18", help="a torchvision architecture name (default resnet18)")
-    c.add_argument("--no-pretrained", action="store_true", help="random weights (no weights in the cache)")
-    c.add_argument("--epochs", type=_positive("--epochs"), default=4)
-    c.add_argument("--bs", type=_positive("--bs"), action="append", help="batch size (repeatable; default 64)")
-    c.add_argument("--size", type=_positive("--size"), default=128, help="image side after resizing")
+    c.add_argument("--arch", default=DEFAULT_ARCH,
+                   help=f"a timm or torchvision architecture (default {DEFAULT_ARCH}, packaged ImageNet weights)")
+    c.add_argument("--weights", type=Path, help="a local state dict for --arch (no download)")
+    c.add_argument("--no-pretrained", action="store_true", help="random weights")
+    c.add_argument("--epochs", type=_count("--epochs"), default=4)
+    c.add_argument("--bs", type=_count("--bs", 2), action="append", help="batch size (repeatable; default 64)")
+    c.add_argument("--size", type=_count("--size", 8), default=128, help="image side after a squish-resize")
     c.add_argument("--strategies", help="comma-separated names (default: all)")
-    c.add_argument("--seeds", type=_positive("--seeds"), default=3)
+    c.add_argument("--seeds", type=_count("--seeds"), default=3)
     c.add_argument("--out", type=Path, default=Path("compare_out"))
     return p
 
@@ -145,35 +269,50 @@ def main(argv=None) -> int:
         return 2
 
 
-def _write_table(rows, out: Path, title: str) -> None:
-    from .comparison import format_table
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out}: exists and is not a folder")
+
+
+def _write_table(rows, out: Path, title: str, records: dict) -> None:
+    from .comparison import format_table, plot_results
     table = format_table(rows)
     print(f"\n{title}\n\n{table}\n")
-    out.mkdir(parents=True, exist_ok=True)
+    for p in plot_results(rows, records, out):
+        print(f"wrote {p}")
     (out / "table.md").write_text(f"# {title}\n\n{table}\n")
     print(f"wrote {out / 'table.md'}")
+    for (name, bs), rec in records.items():
+        print(f"\nfine_tune_with on {name}, batch size {bs} (seed 0): {rec.bn}")
 
 
 def _run(args) -> int:
+    strategies = _strategies(args.strategies)
+    _check_out(args.out)
     import torch
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
-    from .comparison import SCENARIOS, compare, compare_runs, plot_results
-    strategies = _strategies(args.strategies)
+    from .comparison import SCENARIOS, EmbeddedTask, compare
+    records: dict = {}
     if args.cmd == "demo":
+        names = [n for n, s in SCENARIOS.items() if s.network == args.network]
+        seeds = args.seeds
         if args.quick:
-            scen = ["similar-small", "different-small"]
-            rows = compare(scen, strategies, seeds=1, epochs=2, batch_sizes=None, out=args.out)
-        else:
-            rows = compare(list(SCENARIOS), strategies, seeds=args.seeds, epochs=args.epochs, out=args.out)
-        _write_table(rows, args.out, "Strategy comparison on the embedded default "
-                     "(validation accuracy, mean ± std over seeds, seconds per run)")
+            names, seeds = names[:1], 1
+        tasks = [EmbeddedTask(n) for n in names]
+        rows = compare(tasks, strategies, seeds=seeds, epochs=args.epochs, workers=args.workers, records=records)
+        _write_table(rows, args.out, f"Strategy comparison, {args.network} network (validation accuracy, mean ± std "
+                     f"over {seeds} seed(s))", records)
         return 0
-    make_dls = folder_dls_factory(args.path, args.size)
-    make_learner = torchvision_learner_factory(args.arch, not args.no_pretrained)
-    print(f"{args.path}: {make_dls.n_images} images in {len(make_dls.classes)} classes; arch {args.arch}")
-    records = {}
-    rows = compare_runs(args.path.name, make_dls, make_learner, args.bs or [64], strategies, args.seeds,
-                        args.epochs, records=records)
-    plot_results(rows, records, args.out)
-    _write_table(rows, args.out, f"Strategy comparison on {args.path}")
+    layout = check_folder(args.path)
+    sizes = args.bs or [64]
+    too_big = [b for b in sizes if b > layout.n_train]
+    if too_big:
+        raise CLIError(f"--bs {too_big[0]} is larger than the {layout.n_train} training images of {args.path}")
+    task = FolderTask(layout, args.size, args.arch, not args.no_pretrained,
+                      str(args.weights) if args.weights else None)
+    learner_factory(task.arch, task.pretrained, task.weights)  # architecture and weights checked now
+    print(f"{args.path}: {layout.n_images} images in {len(layout.classes)} classes; arch {args.arch}")
+    rows = compare([task], strategies, batch_sizes={task.name: sizes}, seeds=args.seeds, epochs=args.epochs,
+                   records=records)
+    _write_table(rows, args.out, f"Strategy comparison on {args.path}", records)
     return 0

@@ -1,0 +1,157 @@
+"""Callbacks: stop rules on fastai's `TrackerCallback` (end the warm-up on a plateau, stop at a target
+metric) and the frozen phase's fast path (`FrozenPrefix`).
+
+Both keep fastai's meaning of `monitor`, `comp`, `min_delta` and `reset_on_fit` (lower is better
+for a monitor whose name holds 'loss' or 'error'), and stay out of `lr_find` and range tests as
+every `TrackerCallback` does.
+"""
+from __future__ import annotations
+
+import torch
+from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback, TrackerCallback
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .core.fuse import inference_model
+from .distrib import unwrap_model
+from .freeze import frozen_prefix
+
+__all__ = ["UnfreezeOnPlateau", "StopAtTarget", "FrozenPrefix"]
+
+
+class UnfreezeOnPlateau(EarlyStoppingCallback):
+    """Ends a (warm-up) fit once `monitor` has not improved by `min_delta` for `patience` epochs.
+
+    fastai's `EarlyStoppingCallback` with the epoch it stopped after kept in `stopped_epoch` (None
+    when the fit ran to its end) and no message printed: what follows is an unfreeze, not the end.
+    """
+    _pause_in_probe = True
+
+    def before_fit(self):
+        self.stopped_epoch = None
+        super().before_fit()
+
+    def after_epoch(self):
+        TrackerCallback.after_epoch(self)
+        self.wait = 0 if self.new_best else self.wait + 1
+        if self.wait >= self.patience:
+            self.stopped_epoch = self.epoch + 1
+            raise CancelFitException()
+
+
+class StopAtTarget(TrackerCallback):
+    """Stops the fit once `monitor` reaches `target`; with `keep_best`, the best epoch's weights are
+    loaded at the end (as `SaveModelCallback` does, but kept in memory: one copy of the state dict).
+
+    `reached_epoch` is the epoch (1-based) after which the target was reached, `best_epoch` the
+    best one (0-based, as fastai counts).
+    """
+    order = SaveModelCallback.order
+    _pause_in_probe = True
+
+    def __init__(self, monitor: str = "valid_loss", target: float | None = None, keep_best: bool = True,
+                 comp=None, min_delta: float = 0.0):
+        super().__init__(monitor=monitor, comp=comp, min_delta=min_delta)
+        self.target, self.keep_best = target, keep_best
+        self.reached_epoch = self.best_epoch = self._state = None
+
+    def before_fit(self):
+        self.reached_epoch = self.best_epoch = self._state = None
+        super().before_fit()
+
+    def after_epoch(self):
+        super().after_epoch()
+        if self.new_best:
+            self.best_epoch = self.epoch
+            if self.keep_best:
+                self._state = {k: t.detach().clone() for k, t in self.learn.model.state_dict().items()}
+        value = self.recorder.values[-1][self.idx]
+        if self.target is not None and (value == self.target or self.comp(value, self.target)):
+            self.reached_epoch = self.epoch + 1
+            raise CancelFitException()
+
+    def after_fit(self):
+        if self.run and self.keep_best and self._state is not None:
+            self.learn.model.load_state_dict(self._state)
+        self._state = None
+        super().after_fit()
+
+
+def _fixed_function(modules: list[nn.Module]) -> bool:
+    """Whether the modules compute a fixed function in training mode: no BN layer normalising with
+    batch statistics (they are in eval mode, frozen kinds or folded), no active dropout or drop-path."""
+    for m in (x for mod in modules for x in mod.modules()):
+        if isinstance(m, _BatchNorm) and (m.training or m.running_mean is None):
+            return False
+        if m.training and (isinstance(m, _DROPOUTS) and m.p > 0 or getattr(m, "drop_prob", 0) or 0) > 0:
+            return False
+    return True
+
+
+_DROPOUTS: tuple[type, ...] = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+def _no_grad(fn):
+    "`fn` run without autograd (a context manager: the grad mode comes back whatever happens)."
+    def forward(*args, **kwargs):
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+    return forward
+
+
+def _identity(x, *args, **kwargs):
+    return x
+
+
+class FrozenPrefix(Callback):
+    """During training epochs, runs the frozen leading part of the model without autograd and, when
+    it computes a fixed function (every parameter frozen, its BN frozen or folded, no active
+    dropout), as a fused, channels-last inference copy (`inference_model`).
+
+    The prefix is looked up at each epoch (`frozen_prefix`): what unfreezes leaves it at the next
+    epoch, and the copy is rebuilt when the prefix or its weights changed. Outputs match the normal
+    path to float precision (the copy) or exactly (no-grad only). Nothing is left on the model after
+    an epoch, also after an error or an interrupt (fastai runs `after_train` in a `finally`).
+    """
+    order = TrackerCallback.order + 3  # after every callback that sets BN modes in before_train
+    _pause_in_probe = True
+
+    def __init__(self, inference_copy: bool = True):
+        self.inference_copy = inference_copy
+        self._patched: list[nn.Module] = []
+        self._key, self._copy, self.mode = None, None, "off"
+
+    def before_train(self):
+        self.remove()
+        prefix = frozen_prefix(unwrap_model(self.learn.model))
+        if not any(True for m in prefix for _ in m.parameters()):
+            self.mode = "off"
+            return
+        if self.inference_copy and _fixed_function(prefix):
+            key = tuple(id(m) for m in prefix) + tuple(t._version for m in prefix for t in m.state_dict().values())
+            if key != self._key:
+                self._copy = inference_model(nn.Sequential(*prefix), channels_last=True)[0]
+                self._key = key
+            self.mode = "inference copy"
+            prefix[0].forward = _no_grad(self._copy)
+            for m in prefix[1:]:
+                m.forward = _identity
+        else:
+            self.mode = "no grad"
+            for m in prefix:
+                m.forward = _no_grad(type(m).forward.__get__(m))
+        self._patched = prefix
+
+    def after_train(self):
+        self.remove()
+
+    def after_fit(self):
+        self.remove()
+        self._key = self._copy = None
+
+    def remove(self) -> None:
+        "Give the prefix modules their own forward back."
+        for m in self._patched:
+            m.__dict__.pop("forward", None)
+        self._patched = []

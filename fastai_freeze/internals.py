@@ -1,0 +1,167 @@
+"""Every use of fastai's internals, in one module: on a fastai upgrade, audit this file.
+
+`tests/test_internals.py` fails when a fit leaves a Learner or a Recorder with attributes other than
+`LEARNER_ATTRS` and `RECORDER_ATTRS`, the ones this module was written against (fastai 2.8).
+The snapshot itself does not depend on those lists: it keeps every attribute there is.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from fastai.callback.progress import ProgressCallback
+from fastai.callback.schedule import ParamScheduler
+from fastai.learner import Learner
+from fastcore.foundation import L
+
+from .core.state import random_state, set_random_state
+
+__all__ = ["LEARNER_ATTRS", "RECORDER_ATTRS", "LearnerSnapshot", "learner_snapshot", "restore_learner",
+           "belongs_to_fit", "unwrap_distributed_dls", "distributed_trainer_class", "metric_index",
+           "ResumedSchedule", "scheduler_of", "group_lrs"]
+
+LEARNER_ATTRS = frozenset({
+    "_metrics", "cast_to_tensor", "cbs", "create_mbar", "default_cbs", "dl", "dls", "epoch", "final_record",
+    "iter", "lock", "logger", "loss", "loss_func", "loss_grad", "lr", "model", "model_dir", "moms", "n_epoch",
+    "n_iter", "opt", "opt_func", "path", "pct_train", "pred", "recorder", "smooth_loss", "splitter", "train_bn",
+    "train_eval", "train_iter", "training", "wd", "wd_bn_bias", "xb", "yb"})
+"The instance attributes of a fastai 2.8 Learner after a fit (before one, a subset)."
+
+RECORDER_ATTRS = frozenset({
+    "add_time", "train_metrics", "valid_metrics", "loss", "smooth_loss", "learn", "lrs", "iters", "losses",
+    "values", "metric_names", "cancel_train", "cancel_valid", "start_epoch", "log", "run", "hps"})
+"The instance attributes of a fastai 2.8 Recorder after a fit (`hps` once a ParamScheduler ran)."
+
+
+@dataclass
+class LearnerSnapshot:
+    "What `learner_snapshot` keeps; give it back with `restore_learner` (its layout is private)."
+    _learner: dict
+    _recorder: dict | None
+    _model: dict
+    _grad: dict
+    _modes: dict
+    _opt_state: dict
+    _opt_hypers: list
+    _frozen_idx: int
+    _rng: tuple = field(repr=False)
+
+
+def _history(d: dict) -> dict:
+    "A Recorder's attributes with its growing history copied (lists, and the running averages)."
+    return {k: copy.deepcopy(v) if k in ("loss", "smooth_loss") else copy.copy(v) if isinstance(v, (list, L)) else v
+            for k, v in d.items()}
+
+
+def learner_snapshot(learn: Learner) -> LearnerSnapshot:
+    """Everything a probe could disturb: every Learner attribute (by reference: a fit replaces them),
+    the Recorder's history (copied: a fit appends to it), weights and buffers, `requires_grad` flags,
+    module modes, optimizer state and hyper-parameters, the random states.
+
+    Costs one copy of the model's state and of the optimizer's state in memory.
+    """
+    if learn.opt is None:
+        learn.create_opt()
+    rec = getattr(learn, "recorder", None)
+    return LearnerSnapshot(
+        dict(learn.__dict__),
+        _history(rec.__dict__) if rec is not None else None,
+        {k: v.detach().clone() for k, v in learn.model.state_dict(keep_vars=True).items()},
+        {p: p.requires_grad for p in learn.model.parameters()},
+        {m: m.training for m in learn.model.modules()},
+        {p: copy.deepcopy(st) for p, st in learn.opt.state.items()},
+        copy.deepcopy(list(learn.opt.hypers)),
+        getattr(learn.opt, "frozen_idx", 0),
+        random_state(),
+    )
+
+
+def restore_learner(learn: Learner, snap: LearnerSnapshot) -> None:
+    "Put back what `learner_snapshot` saved, bit for bit (attributes a probe added are removed)."
+    with torch.no_grad():
+        for k, v in learn.model.state_dict(keep_vars=True).items():
+            if k in snap._model and v.shape == snap._model[k].shape:
+                v.data.copy_(snap._model[k])
+    for p, flag in snap._grad.items():
+        p.requires_grad_(flag)
+        p.grad = None
+    for m, t in snap._modes.items():
+        m.training = t
+    learn.__dict__.clear()
+    learn.__dict__.update(snap._learner)
+    opt = learn.opt
+    opt.state.clear()
+    for p, st in snap._opt_state.items():
+        opt.state[p] = copy.deepcopy(st)
+    for h, h0 in zip(opt.hypers, snap._opt_hypers):
+        h.clear()
+        h.update(h0)
+    opt.frozen_idx = snap._frozen_idx
+    rec = getattr(learn, "recorder", None)
+    if rec is not None and snap._recorder is not None:
+        rec.__dict__.clear()
+        rec.__dict__.update(_history(snap._recorder))
+    set_random_state(snap._rng)
+
+
+def distributed_trainer_class() -> type | None:
+    "fastai's `DistributedTrainer` (None where accelerate, which it needs, is not installed)."
+    try:
+        from fastai.distributed import DistributedTrainer
+    except ImportError:
+        return None
+    return DistributedTrainer
+
+
+def belongs_to_fit(cb) -> bool:
+    """Callbacks that belong to the fit in progress rather than to the Learner, paused while a probe
+    runs a fit of its own: the schedule, the progress bar, the distributed trainer, and any callback
+    of this library that says so (`_pause_in_probe`)."""
+    dt = distributed_trainer_class()
+    return (isinstance(cb, (ParamScheduler, ProgressCallback)) or getattr(cb, "_pause_in_probe", False)
+            or (dt is not None and isinstance(cb, dt)))
+
+
+def unwrap_distributed_dls(learn: Learner) -> list:
+    "The Learner's DataLoaders with fastai's `DistributedDL` wrappers taken off (the originals)."
+    try:
+        from fastai.distributed import DistributedDL
+    except ImportError:
+        return list(learn.dls.loaders)
+    return [dl.dl if isinstance(dl, DistributedDL) else dl for dl in learn.dls.loaders]
+
+
+def metric_index(learn: Learner, name: str) -> int:
+    "Position of `name` in the Recorder's values (raises `ValueError` naming what is recorded)."
+    names = list(learn.recorder.metric_names[1:-1]) if learn.recorder.add_time else list(learn.recorder.metric_names[1:])
+    if name not in names:
+        raise ValueError(f"no metric {name!r} is recorded: the recorder has {names} (pass the metric "
+                         "to the Learner, e.g. metrics=accuracy)")
+    return names.index(name)
+
+
+def scheduler_of(learn: Learner) -> ParamScheduler | None:
+    "The running fit's ParamScheduler (fit_one_cycle's), if any."
+    return next((cb for cb in learn.cbs if isinstance(cb, ParamScheduler)), None)
+
+
+class ResumedSchedule:
+    "A schedule that runs `sched` over the part `[start, 1]` of the fit (a new cycle mid-fit)."
+
+    def __init__(self, sched: Callable, start: float):
+        self.sched, self.start = sched, start
+
+    def __call__(self, pos: float):
+        return self.sched(min(max((pos - self.start) / max(1 - self.start, 1e-12), 0.0), 1.0))
+
+
+def group_lrs(learn: Learner, lr) -> list[float]:
+    "The per-group rates that `lr` (a float, a slice or a list) gives on this Learner's optimizer."
+    saved = [h["lr"] for h in learn.opt.hypers]
+    learn.opt.set_hyper("lr", lr)
+    out = [float(h["lr"]) for h in learn.opt.hypers]
+    for h, v in zip(learn.opt.hypers, saved):
+        h["lr"] = v
+    return out
