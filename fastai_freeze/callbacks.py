@@ -107,7 +107,8 @@ def _identity(x, *args, **kwargs):
 class FrozenPrefix(Callback):
     """During training epochs, runs the frozen leading part of the model without autograd and, when
     it computes a fixed function (every parameter frozen, its BN frozen or folded, no active
-    dropout), as a fused, channels-last inference copy (`inference_model`).
+    dropout) and no forward hook watches it, as a fused, channels-last inference copy
+    (`inference_model`).
 
     The prefix is looked up at each epoch (`frozen_prefix`): what unfreezes leaves it at the next
     epoch, and the copy is rebuilt when the prefix or its weights changed. Outputs match the normal
@@ -128,7 +129,8 @@ class FrozenPrefix(Callback):
         if not any(True for m in prefix for _ in m.parameters()):
             self.mode = "off"
             return
-        if self.inference_copy and _fixed_function(prefix):
+        hooked = any(m._forward_hooks or m._forward_pre_hooks for mod in prefix for m in mod.modules())
+        if self.inference_copy and _fixed_function(prefix) and not hooked:
             key = tuple(id(m) for m in prefix) + tuple(t._version for m in prefix for t in m.state_dict().values())
             if key != self._key:
                 self._copy = inference_model(nn.Sequential(*prefix), channels_last=True)[0]

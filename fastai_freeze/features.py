@@ -28,25 +28,31 @@ __all__ = ["random_transforms", "check_cacheable", "FeatureCache", "compute_feat
 
 
 def random_transforms(dl) -> list[str]:
-    """The transforms of a fastai DataLoader that are random on its own split, each with why.
+    """The transforms of a fastai DataLoader that are random on its split, each with why.
 
+    fastai's random transforms are random on the training split only (on the validation split
+    `Resize` crops the centre, affine transforms are the identity, and the rest are training-only).
     On a training DataLoader: every `RandTransform` with `p > 0` (the `aug_transforms` family,
-    `RandomResizedCrop`, `Flip`...), and `Resize` unless `method='squish'`: fastai's crop-resize takes
-    a random crop and pad-resize places the image at a random offset, on the training set, for any
-    image whose aspect ratio differs from the target's. Transforms of the other split are ignored;
-    deterministic ones (`ToTensor`, `IntToFloatTensor`, `Normalize`, squish-resize...) are cacheable.
+    `RandomResizedCrop`, `Flip`...), including `Resize` unless `method='squish'`: fastai's crop-resize
+    takes a random crop and pad-resize places the image at a random offset, on the training set, for
+    every image whose aspect ratio differs from the target's. Deterministic transforms (`ToTensor`,
+    `IntToFloatTensor`, `Normalize`, squish-resize...) are cacheable.
     """
-    split = getattr(dl, "split_idx", 0)
+    split = getattr(dl, "split_idx", None)
+    if split is None:
+        split = getattr(getattr(dl, "dataset", None), "split_idx", 0)
+    if split != 0:
+        return []
     found = []
     for attr in ("after_item", "before_batch", "after_batch"):
         for t in getattr(getattr(dl, attr, None), "fs", []):
-            if getattr(t, "split_idx", None) not in (None, split):
+            if getattr(t, "split_idx", None) == 1 or not isinstance(t, RandTransform) or not getattr(t, "p", 1) > 0:
                 continue
             if isinstance(t, Resize):
                 if t.method != ResizeMethod.Squish:
                     found.append(f"Resize(method='{t.method}') (a random {'crop' if t.method == 'crop' else 'offset'} "
                                  "per image on the training set)")
-            elif isinstance(t, RandTransform) and getattr(t, "p", 1) > 0:
+            else:
                 found.append(type(t).__name__)
     return found
 

@@ -9,6 +9,7 @@ fits, the callback inside the fit a user already has. Every decision goes into a
 """
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -153,11 +154,12 @@ class FineTuneSchedule:
         "Copy the phase's part of the Recorder's history into the record."
         p = self.record.phases[-1]
         rec = self.learn.recorder
-        first = len(rec.values) - p.epochs_run if p.epochs_run else len(rec.values)
-        p.losses = [float(x) for x in rec.losses[self._iter0:]]
-        p.iter_lrs = [float(x) for x in rec.lrs[self._iter0:]]
-        p.values = [list(v) for v in rec.values[first:]]
-        p.metric_names = list(rec.metric_names)
+        values, losses, lrs = (getattr(rec, a, []) for a in ("values", "losses", "lrs"))  # empty before a first batch
+        first = len(values) - p.epochs_run if p.epochs_run else len(values)
+        p.losses = [float(x) for x in losses[self._iter0:]]
+        p.iter_lrs = [float(x) for x in lrs[self._iter0:]]
+        p.values = [list(v) for v in values[first:]]
+        p.metric_names = list(getattr(rec, "metric_names", []))
         p.seconds = time.perf_counter() - self._t0
         p.end_reason = p.end_reason or reason or f"{p.epochs_run} epoch(s) done"
 
@@ -193,7 +195,7 @@ def _fit_phase(sched: FineTuneSchedule, name: str, epochs: int, lr, source: str,
     try:
         sched.learn.fit_one_cycle(epochs, lr, cbs=cbs, **fit_kwargs)
     finally:
-        phase.epochs_run = len(sched.learn.recorder.values)
+        phase.epochs_run = len(getattr(sched.learn.recorder, "values", []))
         sched.close_phase()
     return phase
 
@@ -225,6 +227,10 @@ def _warm_up(self: Learner, sched: FineTuneSchedule, freeze_epochs: int, base_lr
             phase.end_reason = (f"{rule.monitor} did not improve by more than {rule.min_delta} for "
                                 f"{rule.patience} epoch(s)")
     record.unfroze_at_epoch, record.unfreeze_reason = phase.epochs_run, phase.end_reason
+
+
+_FIT_ONE_CYCLE_ARGS = frozenset(inspect.signature(Learner.fit_one_cycle).parameters) - {"self", "n_epoch", "lr_max",
+                                                                                     "start_epoch"}
 
 
 @patch
@@ -276,6 +282,10 @@ def fine_tune_with(self: Learner, epochs: int, base_lr: float | None = 2e-3, fre
     if "lr_max" in kwargs:
         raise ValueError("lr_max is not taken: give the warm-up rate as base_lr; the unfrozen rate comes from "
                          "the range test (or fallback_lr)")
+    unknown = sorted(set(kwargs) - _FIT_ONE_CYCLE_ARGS)
+    if unknown:
+        raise TypeError(f"fine_tune_with got unexpected arguments {unknown}: besides its own, it takes "
+                        f"fit_one_cycle's {sorted(_FIT_ONE_CYCLE_ARGS)}")
     for k in ("pct_start", "div", "div_final"):
         if k in kwargs:
             _positive(k, kwargs[k])

@@ -14,7 +14,7 @@ from fastai.metrics import accuracy
 
 import fastai_freeze  # noqa: F401
 from fastai_freeze.demo.data import TARGET_CLASSES, make_patterns, pretrained_tiny_resnet, tensor_dls
-from fastai_freeze.schedule import FineTuneCallback
+from fastai_freeze import FineTuneCallback, RangeTest
 from fastai_freeze.transfer import new_head_learner
 
 warnings.filterwarnings("ignore")
@@ -42,8 +42,8 @@ def main(out):
     torch.manual_seed(0)
     learn = new_head_learner(source, dls, metrics=accuracy)
     with learn.distrib_ctx(sync_bn=False):
-        rec = learn.fine_tune_with(1, bn="auto", max_passes=None, num_it=40)
-    result["ftw"] = dict(policy=rec.bn.policy.value, shift=rec.bn.shift,
+        rec = learn.fine_tune_with(1, bn="auto", range_test=RangeTest(num_it=40, max_passes=None))
+    result["ftw"] = dict(policy=rec.bn.policy.value, shift=rec.bn.shift, gain=rec.bn.probe.gain,
                          lrs=[p.lrs for p in rec.phases], tests=[p.range_test.suggestion for p in rec.phases
                                                                   if p.range_test is not None])
     result["ftw_state"] = {k: v.clone() for k, v in learn.model.state_dict().items()}
@@ -51,7 +51,7 @@ def main(out):
     dls = tensor_dls(xt, yt, xv, yv, bs=8, seed=200 + rank)
     torch.manual_seed(0)
     learn = new_head_learner(source, dls, metrics=accuracy)
-    cb = FineTuneCallback(unfreeze_epoch=1, num_it=40, max_passes=None)
+    cb = FineTuneCallback(unfreeze_epoch=1, bn="train", range_test=RangeTest(num_it=40, max_passes=None))
     with learn.distrib_ctx(sync_bn=False):
         learn.fit_one_cycle(2, 1e-3, cbs=cb)
     result["cb"] = dict(lrs=[p.lrs for p in cb.record.phases],

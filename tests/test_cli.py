@@ -1,86 +1,92 @@
 import pytest
+import torch
 from PIL import Image
 
-from fastai_freeze.demo.cli import (
-    CLIError,
-    cached_weights_path,
-    folder_dls_factory,
-    main,
-    torchvision_learner_factory,
-)
+from fastai_freeze.demo.cli import CLIError, check_folder, learner_factory, main
 
 
-def _img(path, color):
+def _img(path, color, size=(16, 16)):
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (16, 16), color).save(path)
+    Image.new("RGB", size, color).save(path)
 
 
-def test_missing_path(tmp_path, capsys):
-    assert main(["compare", str(tmp_path / "nope")]) == 2
-    assert "no such folder" in capsys.readouterr().err
+def _two_classes(root, n=4, split=None):
+    for c, col in (("a", "red"), ("b", "blue")):
+        for i in range(n):
+            _img(root / (split or "") / c / f"{i}.png", col)
+    return root
 
 
-def test_not_a_folder(tmp_path, capsys):
-    f = tmp_path / "x.txt"
-    f.write_text("hi")
-    assert main(["compare", str(f)]) == 2
-    assert "not a folder" in capsys.readouterr().err
+def _err(capsys):
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err  # one line
+    return err
 
 
-def test_empty_folder(tmp_path, capsys):
-    assert main(["compare", str(tmp_path)]) == 2
-    assert "no image files" in capsys.readouterr().err
+@pytest.mark.parametrize("setup,args,message", [
+    (lambda p: None, ["{p}/nope"], "no such folder"),
+    (lambda p: (p / "x.txt").write_text("hi"), ["{p}/x.txt"], "not a folder"),
+    (lambda p: None, ["{p}"], "no image files"),
+    (lambda p: [_img(p / "cats" / f"{i}.png", "red") for i in range(3)], ["{p}"], "one class ('cats')"),
+    (lambda p: (_two_classes(p), (p / "b" / "bad.png").write_bytes(b"not a png")), ["{p}"], "bad.png: not a readable"),
+    (lambda p: _two_classes(p), ["{p}", "--bs", "64"], "--bs 64 is larger than the 6 training images"),
+    (lambda p: (_two_classes(p, split="train"), _two_classes(p, split="valid"), _img(p / "valid" / "c" / "0.png", "red")),
+     ["{p}"], "class(es) ['c'] have validation images but no training images"),
+    (lambda p: (_two_classes(p, split="train"), (p / "valid").mkdir()), ["{p}"], "validation folder holds no image"),
+    (lambda p: (_two_classes(p), (p / "out.txt").write_text("x")), ["{p}", "--out", "{p}/out.txt"], "not a folder"),
+    (lambda p: _two_classes(p), ["{p}", "--strategies", ","], "names no strategy"),
+    (lambda p: _two_classes(p), ["{p}", "--strategies", "fine_tune,nope"], "unknown strategies ['nope']"),
+    (lambda p: _two_classes(p), ["{p}", "--bs", "2", "--arch", "resnet_nope"], "unknown architecture 'resnet_nope'"),
+    (lambda p: _two_classes(p), ["{p}", "--bs", "2", "--arch", "efficientnet_b0"], "no local ImageNet weights"),
+    (lambda p: _two_classes(p), ["{p}", "--bs", "2", "--weights", "{p}/none.pth"], "no such weights file"),
+    (lambda p: (_two_classes(p), (p / "w.pth").write_bytes(b"junk")), ["{p}", "--bs", "2", "--weights", "{p}/w.pth"],
+     "not a PyTorch state dict"),
+    (lambda p: (_two_classes(p), torch.save({"x": torch.zeros(3)}, p / "w.pth")), ["{p}", "--bs", "2", "--weights", "{p}/w.pth"],
+     "do not fit"),
+])
+def test_user_errors_are_one_line_and_exit_2_before_training(tmp_path, capsys, setup, args, message):
+    setup(tmp_path)
+    assert main(["compare"] + [a.format(p=tmp_path) for a in args]) == 2
+    assert message in _err(capsys)
 
 
-def test_single_class(tmp_path, capsys):
-    for i in range(3):
-        _img(tmp_path / "cats" / f"{i}.png", "red")
-    assert main(["compare", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert "one class ('cats')" in err and "at least two" in err
-
-
-def test_bad_arguments(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["compare", str(tmp_path), "--epochs", "0"])
-    for c in ("a", "b"):
-        _img(tmp_path / c / "0.png", "red")
-    assert main(["compare", str(tmp_path), "--strategies", "fine_tune,nope"]) == 2
-    assert "unknown strategies ['nope']" in capsys.readouterr().err
-    with pytest.raises(CLIError, match="unknown torchvision architecture"):
-        cached_weights_path("resnet_nope")
-
-
-def test_missing_pretrained_weights_say_where(tmp_path, monkeypatch):
-    import torch
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    with pytest.raises(CLIError, match=r"not in the local torch cache .*--no-pretrained"):
-        torchvision_learner_factory("resnet18", pretrained=True)
+@pytest.mark.parametrize("args", [["--epochs", "0"], ["--bs", "1"], ["--size", "x"]])
+def test_argument_errors_exit_2(tmp_path, args, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["compare", str(tmp_path)] + args)
+    assert e.value.code == 2
 
 
 def test_both_folder_layouts(tmp_path):
     for split in ("train", "valid"):
-        for c, col in (("a", "red"), ("b", "blue")):
-            for i in range(4):
-                _img(tmp_path / "split" / split / c / f"{i}.png", col)
-            for i in range(5):
-                _img(tmp_path / "flat" / c / f"{i}{split}.png", col)
-    m = folder_dls_factory(tmp_path / "split", size=16)
-    assert m.classes == ["a", "b"]
-    dls = m(4, 0)
-    assert len(dls.train_ds) == 8 and len(dls.valid_ds) == 8
-    flat = folder_dls_factory(tmp_path / "flat", size=16)(4, 0)
-    assert len(flat.train_ds) + len(flat.valid_ds) == 20
+        _two_classes(tmp_path / "split", split=split)
+    for c, col in (("a", "red"), ("b", "blue")):
+        for i in range(5):
+            _img(tmp_path / "flat" / c / f"{i}.png", col)
+    split = check_folder(tmp_path / "split")
+    assert split.classes == ["a", "b"] and split.n_train == 8 and split.valid_name == "valid"
+    assert check_folder(tmp_path / "flat").n_train == 8
 
 
-def test_compare_runs_end_to_end_without_pretrained_weights(tmp_path, capsys):
+def test_timm_and_torchvision_archs_and_local_weights(tmp_path):
+    import timm
+    w = tmp_path / "r18.pth"
+    torch.save(timm.create_model("resnet18").state_dict(), w)
+    assert callable(learner_factory("resnet18", weights=w))  # timm name, local state dict
+    assert callable(learner_factory("tf_efficientnet_lite0"))  # the packaged ImageNet weights
+    assert callable(learner_factory("mobilenet_v3_small", pretrained=False))  # torchvision name
+    with pytest.raises(CLIError, match="local torch cache"):
+        learner_factory("mobilenet_v3_small", pretrained=True)
+
+
+def test_compare_runs_end_to_end_on_the_real_network(tmp_path, capsys):
     for c, col in (("a", (250, 10, 10)), ("b", (10, 10, 250))):
-        for i in range(12):
-            _img(tmp_path / "imgs" / c / f"{i}.png", col)
-    rc = main(["compare", str(tmp_path / "imgs"), "--no-pretrained", "--size", "32", "--bs", "4",
-               "--epochs", "1", "--seeds", "1", "--strategies", "fine_tune,features",
-               "--out", str(tmp_path / "out")])
+        for i in range(10):
+            _img(tmp_path / "imgs" / c / f"{i}.png", col, size=(20, 28))
+    rc = main(["compare", str(tmp_path / "imgs"), "--size", "32", "--bs", "4", "--epochs", "1", "--seeds", "1",
+               "--strategies", "fine_tune,fine_tune_with", "--out", str(tmp_path / "out")])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "24 images in 2 classes" in out and "| imgs | 4 |" in out
+    assert "20 images in 2 classes; arch tf_efficientnet_lite0" in out and "| imgs | 4 |" in out
+    assert "fine_tune_with on imgs, batch size 4 (seed 0): bn=" in out  # what auto chose and why
     assert (tmp_path / "out" / "table.md").exists() and (tmp_path / "out" / "comparison.png").exists()

@@ -1,42 +1,61 @@
 import pytest
+import torch
 
 from fastai_freeze.demo.cli import main
-from fastai_freeze.demo.data import tensor_dls
-from fastai_freeze.demo import SCENARIOS, STRATEGIES, embedded_learner_factory, format_table, run_strategy
+from fastai_freeze.demo.comparison import SCENARIOS, EmbeddedTask, compare, format_table, run_job
+from fastai_freeze.strategies import STRATEGIES, run_named_strategy
 
 
-def test_demo_quick_path_prints_the_table_and_writes_plots(tmp_path, capsys):
-    assert main(["demo", "--quick", "--strategies", "fine_tune,fine_tune_with,features",
-                 "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "similar-small" in out and "different-small" in out and "bs=4" in out and "bs=64" in out
-    table = (tmp_path / "table.md").read_text()
-    assert table.count("\n| ") == 4 + 1  # header + 2 scenarios x 2 batch sizes
-    assert (tmp_path / "comparison.png").stat().st_size > 0
-    assert (tmp_path / "fine_tune_with_similar-small_bs4_run.png").exists()
+class SmallTask(EmbeddedTask):
+    "An embedded scenario cut to 64 training images (fast)."
+
+    def data(self):
+        xt, yt, xv, yv = super().data()
+        return xt[:64], yt[:64], xv[:64], yv[:64]
 
 
-def test_every_strategy_runs_and_scratch_is_not_pretrained():
-    data = SCENARIOS["similar-small"].make()
-    make = embedded_learner_factory()
-    make_dls = lambda bs, seed: tensor_dls(*(t[:64] for t in data[:2]), *data[2:], bs=bs, seed=seed)  # noqa: E731
+def test_every_strategy_runs_returns_its_record_and_scratch_starts_from_new_weights():
+    task = SmallTask("patterns-200")
     for name in STRATEGIES:
-        acc, secs, learn = run_strategy(name, make_dls, make, 32, 1, 0)
-        assert 0 <= acc <= 1 and secs > 0
-    pre = make(make_dls(32, 0), True).model[0][0].weight
-    scratch = make(make_dls(32, 0), False).model[0][0].weight
-    assert not pytest.approx(pre.detach().numpy()) == scratch.detach().numpy()
+        acc, secs, rec = run_job(task, name, 32, 0, 1)
+        assert rec.phases and secs > 0
+        assert rec.final_metrics()["accuracy"] == pytest.approx(acc)
+    learn = task.learner(32, 0)
+    before = learn.model[0][0].weight.detach().clone()
+    run_named_strategy(learn, "scratch", 1, 0)
+    fresh = task.learner(32, 0).model[0][0].weight
+    assert not torch.allclose(before, learn.model[0][0].weight) and torch.equal(before, fresh)
+
+
+def test_compare_pairs_seeds_and_runs_in_worker_processes():
+    task = SmallTask("patterns-200")
+    once = compare([task], ["features", "bn_frozen"], batch_sizes={task.name: [32]}, seeds=2, epochs=1, workers=2,
+                   progress=False)
+    again = compare([task], ["features", "bn_frozen"], batch_sizes={task.name: [32]}, seeds=2, epochs=1, workers=2,
+                    progress=False)
+    assert [r["accs"] for r in once] == [r["accs"] for r in again]  # deterministic per seed
+    assert [r["strategy"] for r in once] == ["features", "bn_frozen"] and all(len(r["accs"]) == 2 for r in once)
 
 
 def test_format_table_marks_the_best():
     rows = [dict(scenario="s", bs=4, strategy="a", acc=0.5, sd=0.1, secs=1.0),
             dict(scenario="s", bs=4, strategy="b", acc=0.7, sd=0.0, secs=2.0)]
     t = format_table(rows)
-    assert "**0.700 ± 0.000 (2.0s)**" in t and t.strip().endswith("| b |")
+    assert "**0.700 ± 0.000**" in t and t.strip().endswith("| b |")
 
 
-def test_demo_rejects_bad_arguments():
+def test_scenarios_are_on_both_networks_and_deterministic():
+    assert {s.network for s in SCENARIOS.values()} == {"real", "pattern"}
+    a, b = SCENARIOS["fashion-400"].make(), SCENARIOS["fashion-400"].make()
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert a[0].shape == (400, 3, 32, 32) and len(a[2]) == 500
+
+
+def test_demo_rejects_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--seeds", "0"])
     with pytest.raises(ValueError, match="unknown strategy"):
-        run_strategy("nope", None, None, 32, 1, 0)
+        run_named_strategy(None, "nope")
+    (tmp_path / "f").write_text("x")
+    assert main(["demo", "--out", str(tmp_path / "f")]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err

@@ -1,53 +1,96 @@
 import os
 
+import numpy as np
+
 import pytest
 import torch
 from fastai.callback.core import Callback
 from fastai.data.transforms import Pipeline
 from fastai.learner import load_learner
 from fastai.vision.augment import Flip
+from fastai.vision.learner import vision_learner
+from torchvision.models import resnet18
 
 import fastai_freeze  # noqa: F401
 from fastai_freeze.demo.data import tensor_dls
-from fastai_freeze.features import augmentations, cached_warmup, compute_features
-from fastai_freeze.freeze import FrozenBodyShortcut, frozen_prefix
+from fastai_freeze.callbacks import FrozenPrefix
+from fastai_freeze.features import cached_warmup, compute_features, random_transforms
+from fastai_freeze.freeze import frozen_prefix
 from fastai_freeze.core.fuse import inference_model
 from fastai_freeze.transfer import new_head_learner
 
 
 class HeadInputSpy(Callback):
-    "Whether the head's input carried an autograd graph, per training batch."
+    "How often the body's own first convolution (not a copy of it) ran in training batches."
     order = 100
 
     def before_fit(self):
-        self.graph = []
-        self.h = self.learn.model[1].register_forward_pre_hook(
-            lambda m, a: self.graph.append(a[0].grad_fn is not None) if self.learn.training else None)
+        self.calls, conv, spy = 0, self.learn.model[0][0], self
+        self.forward = forward = type(conv).forward
+
+        def counting(m, *args):
+            spy.calls += int(m is conv and spy.learn.training)
+            return forward(m, *args)
+        type(conv).forward = counting
 
     def after_fit(self):
-        self.h.remove()
+        type(self.learn.model[0][0]).forward = self.forward
 
 
-def _fit(make_learner, shortcut, seed=0):
+def _fit(make_learner, prefix, policy="frozen", seed=0, epochs=2, unfreeze_after=None):
     learn = make_learner(bs=16, seed=seed)
-    learn.apply_bn_policy("frozen")
+    learn.apply_bn_policy(policy)
     learn.freeze_body(freeze_bn=True)
     spy = HeadInputSpy()
-    cbs = [spy] + ([FrozenBodyShortcut()] if shortcut else [])
+    cbs = [spy] + ([prefix] if prefix is not None else [])
+
+    class Unfreeze(Callback):  # what gradual unfreezing does between epochs
+        order = -20
+
+        def before_epoch(self):
+            if unfreeze_after is not None and self.epoch == unfreeze_after:
+                self.learn.freeze_to(1)
     torch.manual_seed(seed)
-    learn.fit_one_cycle(2, 1e-3, cbs=cbs)
+    learn.fit_one_cycle(epochs, 1e-3, cbs=cbs + [Unfreeze()])
     return learn, spy
 
 
-def test_shortcut_gives_identical_results_without_a_graph(make_learner):
-    slow, slow_spy = _fit(make_learner, False)
-    fast, fast_spy = _fit(make_learner, True)
+@pytest.mark.parametrize("policy", ["frozen", "fold"])
+def test_frozen_prefix_runs_an_inference_copy_with_the_same_result(make_learner, policy):
+    slow, slow_spy = _fit(make_learner, None, policy)
+    prefix = FrozenPrefix()
+    fast, fast_spy = _fit(make_learner, prefix, policy)
+    assert prefix.mode == "inference copy"
     for (k, a), (_, b) in zip(slow.model.state_dict().items(), fast.model.state_dict().items()):
-        assert torch.equal(a, b), k
-    assert slow.recorder.values == fast.recorder.values
-    assert fast_spy.graph and not any(fast_spy.graph)
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in fast.model.modules())
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+    torch.testing.assert_close(torch.tensor(slow.recorder.values), torch.tensor(fast.recorder.values), rtol=1e-4, atol=1e-5)
+    assert fast_spy.calls == 0 and slow_spy.calls > 0  # the copy ran the body, not the model's own modules
+    assert not any("forward" in m.__dict__ or m._forward_hooks or m._forward_pre_hooks for m in fast.model.modules())
     assert torch.is_grad_enabled()
+    # a forward hook on the frozen body is a promise to the user: the real modules run, without autograd
+    hooked = make_learner(bs=16)
+    hooked.freeze_body(freeze_bn=True)
+    hooked.apply_bn_policy(policy)
+    seen = []
+    h = hooked.model[0][0].register_forward_hook(lambda m, a, o: seen.append(o.requires_grad))
+    prefix = FrozenPrefix()
+    hooked.fit(1, 1e-3, cbs=prefix)
+    h.remove()
+    assert prefix.mode == "no grad" and seen and not any(seen)
+
+
+def test_frozen_prefix_follows_unfreezing_and_batch_statistics(make_learner):
+    # BN trained with batch statistics in the frozen body: not a fixed function, so no copy, only no-grad
+    learn = make_learner(bs=16)
+    learn.freeze_body(freeze_bn=True)  # BN params frozen, but BN still in training mode (batch statistics)
+    prefix = FrozenPrefix()
+    learn.fit(1, 1e-3, cbs=prefix)
+    assert prefix.mode == "no grad"
+    # groups unfrozen between epochs: the prefix shrinks and the copy is rebuilt; same result as without
+    slow, _ = _fit(make_learner, None, epochs=3, unfreeze_after=1)
+    fast, _ = _fit(make_learner, FrozenPrefix(), epochs=3, unfreeze_after=1)
+    for (k, a), (_, b) in zip(slow.model.state_dict().items(), fast.model.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_frozen_prefix_follows_the_freeze_state(make_learner):
@@ -115,8 +158,8 @@ def test_cached_warmup_refuses_what_it_cannot_cache(make_learner):
         cached_warmup(learn, 1)  # BN trainable in the frozen body
     learn.freeze_body(freeze_bn=True)
     learn.dls.train.after_batch = Pipeline([Flip()])
-    assert augmentations(learn.dls.train) == ["Flip"]
-    with pytest.raises(ValueError, match="augmented .*Flip"):
+    assert random_transforms(learn.dls.train) == ["Flip"]
+    with pytest.raises(ValueError, match="random transforms: Flip.*method='squish'"):
         cached_warmup(learn, 1)
     with pytest.raises(ValueError, match="cache_features"):
         make_learner(bs=16).fine_tune_with(1, bn="train", cache_features=True)
@@ -124,10 +167,43 @@ def test_cached_warmup_refuses_what_it_cannot_cache(make_learner):
 
 def test_fine_tune_with_cached_features(make_learner):
     learn = make_learner(bs=16)
-    rec = learn.fine_tune_with(1, cache_features=True, num_it=30)
+    rec = learn.fine_tune_with(1, cache_features=True)
     assert "cached features" in rec.phases[0].end_reason and rec.phases[0].epochs_run == 1
     assert rec.bn.freeze_bn and rec.phases[-1].trainable_groups == ["T", "T"]
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in learn.model.modules())
+
+
+def _folder(tmp_path, n=6):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ("train", "valid"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                arr = rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)  # not square: crop and pad are random
+                Image.fromarray(arr).save(tmp_path / split / c / f"{i}.png")
+    return tmp_path
+
+
+@pytest.mark.parametrize("method,cacheable", [("squish", True), ("crop", False), ("pad", False)])
+def test_fastai_pipelines_deterministic_resize_is_cached_random_is_refused(tmp_path, method, cacheable):
+    from fastai.vision.all import ImageDataLoaders, Resize, aug_transforms
+    path = _folder(tmp_path)
+    dls = ImageDataLoaders.from_folder(path, item_tfms=Resize(16, method=method), bs=4)
+    rand = random_transforms(dls.train)
+    assert (rand == []) == cacheable
+    assert random_transforms(dls.valid) == []  # on the validation set fastai's resize is centred
+    learn = vision_learner(dls, resnet18, pretrained=False)
+    if cacheable:
+        rec = learn.fine_tune_with(1, bn="frozen", cache_features=True)
+        assert "cached features" in rec.phases[0].end_reason
+        with_aug = ImageDataLoaders.from_folder(path, item_tfms=Resize(16, method="squish"),
+                                                batch_tfms=aug_transforms(), bs=4)
+        assert random_transforms(with_aug.train) and not random_transforms(with_aug.valid)
+    else:
+        with pytest.raises(ValueError, match=f"Resize\\(method='{method}'\\).*method='squish'"):
+            learn.fine_tune_with(1, bn="frozen", cache_features=True)
+        assert not learn.fine_tune_record.phases if hasattr(learn, "fine_tune_record") else True
 
 
 def test_fused_inference_and_export(make_learner, tmp_path):
