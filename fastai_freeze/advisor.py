@@ -1,22 +1,26 @@
-"""Which strategy for this data? Measure size and similarity, recommend, apply.
+"""Which strategy for this data? Measure size, transferability and BN statistics; recommend; apply.
 
-Seed 004's four situations: small and similar data → train a head on the features; large and
-similar → fine-tune; small and different → head only; large and different → train everything,
-starting from the pretrained weights or from scratch. The pretrained model measures both
-quantities itself:
+The four situations of the transfer-learning literature (small or large new data, similar to the
+pretraining data or not; CS231n's transfer-learning notes) are measured on the user's own data and
+network, not assumed:
 
-- **similarity of the inputs**: the body's BN layers hold the pretraining data's per-channel
-  statistics; `bn_shift` gives the mean KL divergence of the new data's statistics from them;
-- **transferability of the features**: LogME (You, Liu, Wang, Long, *LogME: Practical Assessment of
-  Pre-trained Models for Transfer Learning*, ICML 2021), the log marginal evidence per sample of a
-  Bayesian linear model on the body's pooled features, one-vs-rest per class, compared against the
-  same body with random weights (a gain above zero: the pretrained features are better than random
-  ones for these labels).
+- **size**: training images per class (`LARGE_PER_CLASS`);
+- **transferability**: LogME (You, Liu, Wang, Long, *LogME: Practical Assessment of Pre-trained
+  Models for Transfer Learning*, ICML 2021) of the body's pooled features for these labels, against
+  the same body with random weights (a seeded re-initialisation: the same data gives the same
+  number, and the global random state is left alone);
+- **BN statistics**: the automatic BN choice's probe (`probe_bn_statistics`): LogME with the
+  pretrained statistics and with the new data's own, and the shift between them.
+
+The rule, validated leaving one data set out on the real network and on the pattern model
+(`benchmarks/advisor.py`, `benchmarks/results/advisor.md`): training from scratch where the data is
+large and the pretrained features are no better than random ones for its labels; otherwise
+`fine_tune_with` with its defaults.
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,86 +28,87 @@ from fastai.learner import Learner
 from fastcore.basics import patch
 from torch import nn
 
-from .core.bn import bn_shift
-from .core.logme import logme
-from .freeze import body_bn_layers
+from .core.logme import logme, pooled_features
+from .core.state import kept_random_state
+from .policy import BNDecision, decide_bn_policy
+from .record import FineTuneRecord
 from .strategies import run_named_strategy
 
-MAX_BN_SHIFT = 0.1
+__all__ = ["Advice", "suggest_strategy", "LARGE_PER_CLASS", "SCRATCH_MAX_GAIN"]
 
-__all__ = ["Advice", "suggest_strategy", "MIN_IMAGES_PER_CLASS"]
+LARGE_PER_CLASS = 100
+"At this many training images per class or more, a data set counts as large."
 
-MIN_IMAGES_PER_CLASS = 100
-"Fewer training images per class than this is a small data set (seed 004's 'small')."
+SCRATCH_MAX_GAIN = 0.0
+"Training from scratch is advised for large data when the pretrained features' LogME gain over random ones is at most this."
 
 
 @dataclass
 class Advice:
-    "A recommendation with the numbers it rests on; `print` it, or `apply(learn, epochs)` it."
+    "A recommendation with the numbers it rests on; `print` it, or `advice.apply(learn)` it."
     strategy: str
     situation: str
     reason: str
     n_images: int
     n_classes: int
     per_class: float
-    bn_shift: float | None
     logme_pretrained: float
     logme_random: float
-    bn_policy: str
-    fine_tune_with_kwargs: dict = field(default_factory=dict)
+    bn: BNDecision
 
     @property
     def logme_gain(self) -> float:
+        "How much better (LogME) the pretrained features fit these labels than random ones."
         return self.logme_pretrained - self.logme_random
 
     def __str__(self) -> str:
-        shift = f"{self.bn_shift:.3f} nats" if self.bn_shift is not None else "n/a (no BN)"
+        p = self.bn.probe
+        stats = (f"LogME {p.logme_pretrained:.3f} with the pretrained statistics, {p.logme_new:.3f} with the new "
+                 f"data's; shift {p.shift:.3f} nats" if p is not None else "no BatchNorm statistics in the body")
         return (f"recommended: {self.strategy} ({self.situation})\n"
                 f"  why: {self.reason}\n"
                 f"  data: {self.n_images} images, {self.n_classes} classes, {self.per_class:.0f} per class "
-                f"(small below {MIN_IMAGES_PER_CLASS})\n"
-                f"  BN statistics shift: {shift} (different above {MAX_BN_SHIFT})\n"
-                f"  LogME: pretrained {self.logme_pretrained:.3f}, random weights {self.logme_random:.3f}, "
+                f"(large from {LARGE_PER_CLASS})\n"
+                f"  features: LogME pretrained {self.logme_pretrained:.3f}, random weights {self.logme_random:.3f}, "
                 f"gain {self.logme_gain:+.3f}\n"
-                f"  BN policy: {self.bn_policy}; fine_tune_with arguments: {self.fine_tune_with_kwargs}")
+                f"  BN statistics: {stats}\n"
+                f"  BN policy: {self.bn}")
 
     def _repr_pretty_(self, p, cycle):
         p.text(str(self))
 
-    def apply(self, learn: Learner, epochs: int = 4, freeze_epochs: int = 1):
-        "Train `learn` with the recommended strategy (the same functions as the strategy comparison); returns its record."
+    def apply(self, learn: Learner, epochs: int = 4, freeze_epochs: int = 1) -> FineTuneRecord:
+        "Train `learn` with the recommended strategy (as the strategy comparison does); returns its record."
         return run_named_strategy(learn, self.strategy, epochs, freeze_epochs)
 
 
-def _reinit(module: nn.Module) -> nn.Module:
-    rnd = copy.deepcopy(module)
-    for m in rnd.modules():
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
-        if hasattr(m, "reset_running_stats"):
-            m.reset_running_stats()
-    return rnd
+def _random_twin(body: nn.Module) -> nn.Module:
+    "The body with every weight re-initialised, the same way for the same body (seeded, state kept)."
+    twin = copy.deepcopy(body)
+    with kept_random_state():
+        torch.manual_seed(0)
+        for m in twin.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+            if hasattr(m, "reset_running_stats"):
+                m.reset_running_stats()
+    return twin
 
 
-@torch.no_grad()
-def _pooled_features(body: nn.Module, batches, max_samples: int):
-    modes = {m: m.training for m in body.modules()}
-    body.eval()
-    device = next(body.parameters()).device
-    fs, ys, n = [], [], 0
-    try:
-        for b in batches:
-            x, y = b[0], b[1]
-            f = body(x.to(device))
-            fs.append((f.mean(dim=tuple(range(2, f.dim()))) if f.dim() > 2 else f).float().cpu())
-            ys.append(torch.as_tensor(y).cpu())
-            n += len(x)
-            if n >= max_samples:
-                break
-    finally:
-        for m, t in modes.items():
-            m.train(t)
-    return torch.cat(fs)[:max_samples].numpy(), torch.cat(ys)[:max_samples].numpy()
+def choose_strategy(per_class: float, logme_gain: float) -> tuple[str, str, str]:
+    "`(strategy, situation, why)` from the measurements (the rule stated in the module's docstring)."
+    large = per_class >= LARGE_PER_CLASS
+    fits = logme_gain > SCRATCH_MAX_GAIN
+    situation = f"{'large' if large else 'small'}, pretrained features {'fit' if fits else 'no better than random'}"
+    if large and not fits:
+        return "scratch", situation, ("enough images, and the pretrained features fit these labels no better than "
+                                      "random ones: train the network from scratch")
+    if fits:
+        why = "the pretrained features fit these labels: fine-tune from them, BN policy and rates decided on the data"
+    else:
+        why = ("few images, and the pretrained features fit these labels no better than random ones; with this little "
+               "data, fine-tuning from them still beat training from scratch in every benchmark row")
+    return "fine_tune_with", situation, why
 
 
 @patch
@@ -111,51 +116,21 @@ def suggest_strategy(self: Learner, max_samples: int = 2000) -> Advice:
     """Measure the training data against the pretrained body and recommend a strategy.
 
     The model must be `Sequential(body, head)` (vision_learner, new_head_learner). Uses up to
-    `max_samples` training images (un-shuffled, as they come), changes nothing.
+    `max_samples` training images, in order; changes nothing, consumes no random number.
     """
     m = self.model
     if not (isinstance(m, nn.Sequential) and len(m) == 2):
         raise ValueError("suggest_strategy needs a model Sequential(body, head), as vision_learner builds")
-    body, head = m[0], m[1]
-    dl = self.dls.train.new(shuffle=False, drop_last=False) if hasattr(self.dls.train, "new") else self.dls.train
-    f_pre, y = _pooled_features(body, dl, max_samples)
-    f_rnd, _ = _pooled_features(_reinit(body), dl, max_samples)
+    with kept_random_state():  # a new DataLoader draws its seed from the global generator
+        dl = self.dls.train.new(shuffle=False, drop_last=False, bs=64)
+        f_pre, y = pooled_features(m[0], dl, max_samples)
+        f_rnd, _ = pooled_features(_random_twin(m[0]), dl, max_samples)
     lm_pre, lm_rnd = logme(f_pre, y), logme(f_rnd, y)
-    head_params = list(head.parameters())
-    body_bns = [mod for _, mod in body_bn_layers(m, head_params)]
-    try:
-        shift = bn_shift(m, dl, max_batches=max(1, -(-min(max_samples, 256) // (dl.bs or 1))),
-                         layers=body_bns).mean_kl if body_bns else None
-    except ValueError:
-        shift = None
+    bn = decide_bn_policy(self, "auto")
     n_images = len(self.dls.train.dataset)
     n_classes = int(len(np.unique(y)))
     per_class = n_images / max(n_classes, 1)
-    small = per_class < MIN_IMAGES_PER_CLASS
-    similar = (shift is None or shift <= MAX_BN_SHIFT) and lm_pre > lm_rnd
-    from .policy import decide_bn_policy
-    bn = decide_bn_policy(self).policy.value
-    size_txt = (f"{per_class:.0f} images per class {'<' if small else '>='} {MIN_IMAGES_PER_CLASS}")
-    sim_txt = (f"BN shift {shift:.3f} {'<=' if shift is not None and shift <= MAX_BN_SHIFT else '>'} "
-               f"{MAX_BN_SHIFT}, LogME gain over random weights {lm_pre - lm_rnd:+.3f}"
-               if shift is not None else f"LogME gain over random weights {lm_pre - lm_rnd:+.3f}")
-    if small and similar:
-        strategy, sit = "features", "small and similar"
-        why = "few images and features that already fit: train only a head on the pretrained features"
-    elif small:
-        strategy, sit = "features", "small and different"
-        why = ("few images from another domain: fine-tuning the body would overfit them; train the head only "
-               "(seed 004), and expect a lower ceiling")
-    elif similar:
-        strategy, sit = "fine_tune_with", "large and similar"
-        why = "enough images, similar domain: fine-tune the whole network"
-    elif lm_pre > lm_rnd:
-        strategy, sit = "fine_tune_with", "large and different"
-        why = ("enough images from another domain, but the pretrained features still beat random ones: "
-               "fine-tune everything from the pretrained weights")
-    else:
-        strategy, sit = "scratch", "large and different"
-        why = "enough images, and the pretrained features are no better than random ones for these labels"
-    kwargs = {"bn": bn} if strategy == "fine_tune_with" else {}
-    return Advice(strategy, sit, f"{size_txt}; {sim_txt}. {why}", n_images, n_classes, per_class, shift,
-                  lm_pre, lm_rnd, bn, kwargs)
+    strategy, situation, why = choose_strategy(per_class, lm_pre - lm_rnd)
+    reason = (f"{per_class:.0f} images per class ({'>=' if per_class >= LARGE_PER_CLASS else '<'} {LARGE_PER_CLASS}); "
+              f"LogME gain of the pretrained features over random ones {lm_pre - lm_rnd:+.3f}. {why}")
+    return Advice(strategy, situation, reason, n_images, n_classes, per_class, lm_pre, lm_rnd, bn)

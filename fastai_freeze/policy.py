@@ -38,7 +38,7 @@ from .distrib import broadcast_module_state, broadcast_object, unwrap_model
 from .freeze import body_bn_layers, head_bn_layers, rebuild_optimizer, set_frozen_bn_trainable
 
 __all__ = ["BNPolicy", "BNDecision", "check_freeze_bn", "choose_bn_policy", "decide_bn_policy",
-           "apply_bn_decision", "BNPolicyKeeper", "BNPolicyCallback", "PROBE_SAMPLES", "MIN_BN_BATCH"]
+           "apply_bn_decision", "check_batch_size", "BNPolicyKeeper", "BNPolicyCallback", "PROBE_SAMPLES", "MIN_BN_BATCH"]
 
 PROBE_SAMPLES = 256
 "Training samples the automatic choice probes (two forward passes, no gradient)."
@@ -109,6 +109,13 @@ def check_freeze_bn(policy: BNPolicy, freeze_bn: bool | None) -> bool:
     return policy is BNPolicy.FROZEN or bool(freeze_bn)
 
 
+def check_batch_size(learn: Learner, policy: BNPolicy) -> None:
+    "Refuse `train` at batch size 1, where BatchNorm has no batch statistics (before anything changes)."
+    if policy is BNPolicy.TRAIN and getattr(learn.dls.train, "bs", None) == 1:
+        raise ValueError("bn='train' at batch size 1: BatchNorm layers in training mode need more than one sample "
+                         "per batch; use bn='frozen' or 'fold' (or 'auto'), which keep fixed statistics")
+
+
 def choose_bn_policy(probe: StatisticsProbe, freeze_bn: bool | None = None,
                      batch_size: int | None = None) -> BNDecision:
     """The automatic choice, from a probe of the body's features (`probe_bn_statistics`).
@@ -153,6 +160,7 @@ def decide_bn_policy(learn: Learner, policy: str | BNPolicy = "auto", freeze_bn:
     pol = BNPolicy.parse(policy)
     if pol is not BNPolicy.AUTO:
         check_freeze_bn(pol, freeze_bn)
+    check_batch_size(learn, pol)
     bs = getattr(learn.dls.train, "bs", None)
     model = unwrap_model(learn.model)
     body_bns = [m for _, m in body_bn_layers(model, _head_params(learn))

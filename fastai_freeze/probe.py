@@ -5,10 +5,15 @@ Two curves, one sweep:
 - **training loss** (fastai's `lr_find`): the smoothed loss of the batches trained on. Valid while
   every batch is new: a sweep that goes over the training set again shows the loss falling because
   the same images come back, whatever the rate.
-- **held-out loss**, for training sets too small for that: after each step, the loss on a fixed
-  batch of validation images the sweep never trains on (eval mode), so images that come back
-  cannot make the curve look better than the rate is. One extra forward pass of `held_out` images
-  per iteration.
+- **held-out loss**, for training sets too small for that (`RangeTest(small_data='held-out')`):
+  after each step, the loss on a fixed batch of validation images the sweep never trains on (eval
+  mode), so images that come back cannot make the curve look better than the rate is. One extra
+  forward pass of `held_out` images per iteration.
+
+By default a training set too small for a training-loss curve gets fastai's own rule instead
+(`fallback_lr`, with a warning): on the benchmark's small data sets the held-out curve's rates were
+no better than that rule (benchmarks/results/transfer_real.md) and the sweep cost more than the
+training it chose the rate for.
 
 With `lr_mult`, the sweep moves every group's rate together, at the ratios of the discriminative
 slice `slice(lr / lr_mult, lr)` the result will be used with, and the suggestion is the top (head
@@ -63,8 +68,9 @@ class RangeTest:
       held-out curve ('valley', 'steep', 'minimum', 'slide' or a callable `f(lrs, losses, num_it)`).
     - `num_it` iterations from `start_lr` to `end_lr` on the training-loss curve, which is used
       while they fit in `max_passes` passes over the training set (`None`: always).
-    - Otherwise the held-out curve: `held_out_it` iterations, the loss measured on `held_out`
-      validation images (0: no held-out sweep; the fallback rate is used instead).
+    - Otherwise `small_data` says what happens: 'fastai' (the fallback rate, fastai's rule) or
+      'held-out' (the held-out curve: `held_out_it` iterations, the loss measured on `held_out`
+      validation images).
     - `stop_div`: stop once the (smoothed) loss exceeds 4x its best, as fastai does.
     """
     suggest: str | Callable = "valley"
@@ -73,6 +79,7 @@ class RangeTest:
     end_lr: float = 10.0
     num_it: int = 100
     max_passes: float | None = 1.0
+    small_data: str = "fastai"
     held_out: int = 64
     held_out_it: int = 30
     stop_div: bool = True
@@ -88,8 +95,10 @@ class RangeTest:
                                  "for a usable curve")
         if self.max_passes is not None and not self.max_passes > 0:
             raise ValueError(f"max_passes must be > 0 or None, got {self.max_passes}")
-        if not isinstance(self.held_out, int) or self.held_out < 0:
-            raise ValueError(f"held_out must be a sample count >= 0, got {self.held_out!r}")
+        if not isinstance(self.held_out, int) or self.held_out < 1:
+            raise ValueError(f"held_out must be a sample count >= 1, got {self.held_out!r}")
+        if self.small_data not in ("fastai", "held-out"):
+            raise ValueError(f"small_data must be 'fastai' or 'held-out', got {self.small_data!r}")
 
 
 def held_out_batch(learn: Learner, n: int):
@@ -194,12 +203,15 @@ def range_test(learn: Learner, config: RangeTest = RangeTest(), lr_mult: float |
     else:
         name, func = _suggester(config.held_out_suggest)
         num_it, curve = config.held_out_it, "held-out loss"
+        why = (f"{config.num_it} iterations would go over the {n_batches}-batch training set "
+               f"{config.num_it / n_batches:.0f} times, where the training-loss curve shows memorisation")
+        if config.small_data == "fastai":
+            return _fallback(name, f"{why}; fastai's rule instead (RangeTest(small_data='held-out') measures a "
+                             "held-out curve)", fallback_lr, 0.0)
         with kept_random_state():  # a new DataLoader draws its seed from the global generator
-            held = held_out_batch(learn, config.held_out) if config.held_out else None
+            held = held_out_batch(learn, config.held_out)
         if held is None:
-            return _fallback(name, f"{config.num_it} iterations would go over the {n_batches}-batch training set "
-                             f"{config.num_it / n_batches:.0f} times, where the training-loss curve shows "
-                             "memorisation, and there are no validation images for a held-out curve",
+            return _fallback(name, f"{why}, and there are no validation images for a held-out curve",
                              fallback_lr, 0.0)
     n_groups = len(learn.opt.param_lists) if learn.opt is not None else 1
     ratios = np.array(even_mults(1 / lr_mult, 1.0, n_groups)) if lr_mult and n_groups > 1 else np.ones(n_groups)

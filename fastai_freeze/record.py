@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .policy import BNDecision
 
 __all__ = ["RangeTestResult", "PhaseRecord", "FineTuneRecord"]
 
@@ -59,7 +64,7 @@ class PhaseRecord:
 @dataclass
 class FineTuneRecord:
     "Everything a fine-tuning run decided; `print(record)` for the table, `plot()` for the curves."
-    bn: object = None
+    bn: BNDecision | None = None
     phases: list[PhaseRecord] = field(default_factory=list)
     unfroze_at_epoch: int | None = None
     unfreeze_reason: str = ""
@@ -144,14 +149,19 @@ class FineTuneRecord:
             raise ValueError("this run made no range test (every learning rate was given)")
         fig, axs = plt.subplots(1, len(tests), figsize=figsize or (5 * len(tests), 3.5), squeeze=False)
         for ax, (name, rt) in zip(axs[0], tests):
-            ax.plot(rt.full_lrs or rt.lrs, rt.full_losses or rt.losses, color="C0")
+            ax.set_title(f"{name}{' (fallback)' if rt.fell_back else ''}")
+            if not rt.full_lrs:  # no sweep ran: say why instead of drawing an empty curve
+                ax.text(0.5, 0.5, "\n".join(textwrap.wrap(f"no curve: {rt.reason}; rate {rt.suggestion:.2g}", 40)),
+                        ha="center", va="center", transform=ax.transAxes, fontsize=8)
+                ax.set_axis_off()
+                continue
+            ax.plot(rt.full_lrs, rt.full_losses, color="C0")
             ax.set_xscale("log")
             if rt.point is not None and all(math.isfinite(v) for v in rt.point):
                 ax.plot(*rt.point, "o", color="C1", label=f"{rt.method}: {rt.suggestion:.2g}")
+                ax.legend()
             ax.axvline(rt.suggestion, color="C1", ls=":")
-            ax.set_title(f"{name}{' (fallback)' if rt.fell_back else ''}")
-            ax.set_xlabel("learning rate")
-            ax.set_ylabel("loss")
-            ax.legend()
+            ax.set_xlabel("learning rate (head group)")
+            ax.set_ylabel(rt.curve or "loss")
         fig.tight_layout()
         return fig

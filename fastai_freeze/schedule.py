@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +34,7 @@ from .freeze import (
     trainable_groups,
 )
 from .internals import ResumedSchedule, group_lrs, scheduler_of
-from .policy import BNPolicy, BNPolicyCallback, BNPolicyKeeper, check_freeze_bn
+from .policy import BNPolicy, BNPolicyCallback, BNPolicyKeeper, check_batch_size, check_freeze_bn
 from .probe import DEFAULT_FALLBACK_LR, RangeTest, range_test
 from .record import FineTuneRecord, PhaseRecord, RangeTestResult
 
@@ -108,6 +109,7 @@ class FineTuneSchedule:
         if lr_mult < 1:
             raise ValueError(f"lr_mult must be >= 1 (the head's rate over the first group's), got {lr_mult}")
         _positive("fallback_lr", fallback_lr)
+        check_batch_size(learn, policy)
         if range_test is not None and not isinstance(range_test, RangeTest):
             raise TypeError(f"range_test must be a RangeTest(...), got {type(range_test).__name__}")
         self.learn, self.lr_mult, self.fallback_lr = learn, lr_mult, fallback_lr
@@ -162,6 +164,12 @@ class FineTuneSchedule:
         p.metric_names = list(getattr(rec, "metric_names", []))
         p.seconds = time.perf_counter() - self._t0
         p.end_reason = p.end_reason or reason or f"{p.epochs_run} epoch(s) done"
+        bad = [x for x in p.losses + [v for row in p.values for v in row if isinstance(v, float)] if not math.isfinite(x)]
+        if bad:
+            note = (f"{p.name}: the training or validation loss is not finite ({bad[0]}): the rates are too high for "
+                    "this model, or the data holds NaN or infinite values; the weights may be unusable")
+            self.record.notes.append(note)
+            warnings.warn(note, stacklevel=2)
 
     def finish(self) -> None:
         self.keeper.restore()
@@ -307,12 +315,15 @@ def fine_tune_with(self: Learner, epochs: int, base_lr: float | None = 2e-3, fre
     kwargs = {"pct_start": 0.3, "div": 5.0, **kwargs}
     user_cbs = list(L(kwargs.pop("cbs", None)))
     record = sched.record
-    self.fine_tune_record = record
     splitter = self.splitter
+    # this call's policy replaces, for its run only, the one set on the Learner (apply_bn_policy)
+    learners_policies = [cb for cb in self.cbs if isinstance(cb, BNPolicyCallback)]
     policy_cb, prefix_cb = BNPolicyCallback.for_keeper(sched.keeper), FrozenPrefix()
+    self.remove_cbs(learners_policies)
     self.add_cbs([policy_cb, prefix_cb])
     try:
         sched.start()
+        self.fine_tune_record = record
         if freeze_epochs:
             _warm_up(self, sched, freeze_epochs, base_lr, rule, cache_features, user_cbs, kwargs)
         stages = _stages(self, record, epochs) if gradual else []
@@ -346,6 +357,7 @@ def fine_tune_with(self: Learner, epochs: int, base_lr: float | None = 2e-3, fre
     finally:
         # the callbacks of this call go, whatever ended it (an error, an interrupt)
         self.remove_cbs([policy_cb, prefix_cb])
+        self.add_cbs(learners_policies)
         sched.finish()
         if self.splitter is not splitter:
             self.splitter = splitter
@@ -395,8 +407,18 @@ class FineTuneCallback(TrackerCallback):
         if not self.run:
             return
         check_splittable(self.learn)
-        self.sched = FineTuneSchedule(self.learn, self.bn, self.freeze_bn, self.lr_mult, self.range_test,
+        bn = self.bn
+        learners = [cb for cb in self.learn.cbs if isinstance(cb, BNPolicyCallback)]
+        if learners:
+            theirs = learners[0].policy
+            if BNPolicy.parse(bn) not in (BNPolicy.AUTO, theirs):
+                raise ValueError(f"this Learner already has a BN policy (bn='{theirs}', set by apply_bn_policy), and "
+                                 f"FineTuneCallback(bn='{bn}') would apply another: drop one of them")
+            bn = theirs  # the Learner's policy stands; its callback keeps it
+        self.sched = FineTuneSchedule(self.learn, bn, self.freeze_bn, self.lr_mult, self.range_test,
                                       self.fallback_lr)
+        if learners and learners[0].keeper is not None:
+            self.sched.keeper = learners[0].keeper
         self.record = self.sched.record
         # DDP (fastai's distrib_ctx wraps the model before this runs) synchronises the gradients of
         # the parameters that were trainable when it was built, and no others

@@ -15,6 +15,7 @@ from fastai.learner import Learner, Recorder
 from torch import nn
 
 from .freeze import trainable_groups
+from .probe import RangeTest
 from .record import FineTuneRecord, PhaseRecord
 
 __all__ = ["Strategy", "STRATEGIES", "run_named_strategy"]
@@ -85,6 +86,10 @@ def _fine_tune_with(learn: Learner, epochs: int, freeze_epochs: int) -> FineTune
     return learn.fine_tune_with(epochs, freeze_epochs=freeze_epochs)
 
 
+def _held_out(learn: Learner, epochs: int, freeze_epochs: int) -> FineTuneRecord:
+    return learn.fine_tune_with(epochs, freeze_epochs=freeze_epochs, range_test=RangeTest(small_data="held-out"))
+
+
 def _features(learn: Learner, epochs: int, freeze_epochs: int) -> FineTuneRecord:
     "Head only: the body never unfreezes and its BN stays in eval mode (a fixed feature extractor)."
     def fit():
@@ -118,6 +123,8 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
     Strategy("bn_fold", _policy("fold"), "fine_tune_with, bn='fold': BN folded into a trainable affine layer"),
     Strategy("bn_adapt", _policy("adapt"), "fine_tune_with, bn='adapt': BN statistics re-estimated, then folded"),
     Strategy("fine_tune_with", _fine_tune_with, "fine_tune_with with its defaults (bn='auto', range tests)"),
+    Strategy("ftw_held_out", _held_out, "fine_tune_with, defaults, but a held-out range test on small data "
+             "(RangeTest(small_data='held-out')) instead of fastai's rule"),
     Strategy("features", _features, "feature extraction: head only, body never unfrozen"),
     Strategy("scratch", _scratch, "training from scratch: same network re-initialised, same budget"),
 ]}

@@ -54,7 +54,8 @@ def test_range_test_restores_everything_bitwise(make_learner, curve):
     learn.unfreeze()
     learn.fit_one_cycle(1, 1e-4)
     before = observable_state(learn)
-    cfg = RangeTest(num_it=30, max_passes=None) if curve == "training loss" else RangeTest(num_it=100, held_out_it=25)
+    cfg = (RangeTest(num_it=30, max_passes=None) if curve == "training loss" else
+           RangeTest(held_out_it=25, small_data="held-out"))
     rt = range_test(learn, cfg, lr_mult=100)
     assert_same_state(before, observable_state(learn))
     assert rt.curve == curve and rt.suggestion > 0 and len(rt.full_lrs) > 0 and not rt.fell_back
@@ -64,7 +65,7 @@ def test_range_test_restores_everything_bitwise(make_learner, curve):
 def test_chosen_rate_is_the_suggestion_on_the_recorded_curve(make_learner, name):
     learn = make_learner(bs=16)  # 96 images, 6 batches: a 100-iteration sweep would see them 17 times
     learn.unfreeze()
-    rt = range_test(learn, RangeTest(held_out_suggest=name, held_out_it=30), lr_mult=100)
+    rt = range_test(learn, RangeTest(held_out_suggest=name, small_data="held-out"), lr_mult=100)
     assert rt.curve == "held-out loss" and rt.method == name and not rt.fell_back
     lr, _ = SUGGESTERS[name](torch.tensor(rt.lrs), torch.tensor(rt.losses), 30)
     assert math.isclose(rt.suggestion, float(lr), rel_tol=1e-9)
@@ -95,15 +96,15 @@ def test_diverging_range_test_falls_back_with_a_warning(make_learner):
     assert rt.fell_back and rt.suggestion == 3e-5
 
 
-def test_small_data_without_validation_images_falls_back(make_learner):
+def test_small_data_gets_fastais_rule_by_default(make_learner):
     learn = make_learner(bs=16)
     learn.unfreeze()
     before = observable_state(learn)
-    with pytest.warns(UserWarning, match="go over the 6-batch training set 17 times"):
-        rt = range_test(learn, RangeTest(held_out=0), fallback_lr=7e-4)
+    with pytest.warns(UserWarning, match="go over the 6-batch training set 17 times.*fastai's rule"):
+        rt = range_test(learn, RangeTest(), fallback_lr=7e-4)
     assert rt.fell_back and rt.suggestion == 7e-4 and not rt.full_lrs
     assert_same_state(before, observable_state(learn))
-    fig = learn.fine_tune_with(1, bn="train", range_test=RangeTest(held_out=0)).plot_range_tests()
+    fig = learn.fine_tune_with(1, bn="train", range_test=RangeTest()).plot_range_tests()
     assert "fallback" in fig.axes[0].get_title()  # a fallback has no curve: it says so instead of an empty plot
 
 

@@ -278,8 +278,9 @@ def tensor_dls(x_train, y_train, x_valid, y_valid, bs: int = 64, seed: int | Non
     if seed is not None:
         from fastai.torch_core import set_seed
         set_seed(seed)
-    # TfmdDL (not a bare DataLoader) has the transform pipelines vision_learner adds Normalize to
-    dls = DataLoaders(TfmdDL(train, bs=bs, shuffle=True, drop_last=True),
-                      TfmdDL(valid, bs=max(bs, 64)), device=device or "cpu")
+    # TfmdDL (not a bare DataLoader) has the transform pipelines vision_learner adds Normalize to; the
+    # data is in memory, so no loader processes (they would cost a start-up every epoch)
+    dls = DataLoaders(TfmdDL(train, bs=bs, shuffle=True, drop_last=True, num_workers=0),
+                      TfmdDL(valid, bs=max(bs, 64), num_workers=0), device=device or "cpu")
     dls.c = int(torch.cat([torch.as_tensor(y_train), torch.as_tensor(y_valid)]).max()) + 1
     return dls
