@@ -87,7 +87,9 @@ class WeightDiagnostics(Callback):
             return
         self.grad_iters.append(self.learn.train_iter)
         for n, w in self._weights.items():
-            self.grad_norms[n].append(float(w.grad.detach().float().norm()) if w.grad is not None else 0.0)
+            # a frozen layer has no gradient to speak of: NaN, not a vanishing 0
+            self.grad_norms[n].append(float(w.grad.detach().float().norm())
+                                      if w.requires_grad and w.grad is not None else float("nan"))
 
     def after_epoch(self):
         for n, w in self._weights.items():
@@ -129,8 +131,13 @@ class WeightDiagnostics(Callback):
         return "; ".join(parts)
 
     def vanishing(self, ratio: float = 1e-3) -> list[str]:
-        "Layers whose mean gradient norm is below `ratio` times the largest layer's (and non-zero ones)."
-        means = {n: sum(v) / len(v) for n, v in self.grad_norms.items() if v}
+        """Trained layers whose mean gradient norm is below `ratio` times the largest layer's (frozen
+        layers, which have no gradient, are not listed)."""
+        means = {}
+        for n, v in self.grad_norms.items():
+            trained = [x for x in v if x == x]
+            if trained:
+                means[n] = sum(trained) / len(trained)
         top = max(means.values(), default=0.0)
         return [n for n, v in means.items() if top > 0 and v < ratio * top]
 

@@ -22,7 +22,7 @@ from fastai.vision.augment import RandTransform, Resize, ResizeMethod
 from torch import nn
 
 from .core.fuse import inference_model
-from .core.state import kept_random_state
+from .core.state import kept_modes, kept_random_state
 
 __all__ = ["random_transforms", "check_cacheable", "FeatureCache", "compute_features", "cached_warmup", "CachedWarmup"]
 
@@ -103,37 +103,34 @@ def compute_features(body: nn.Module, dl, memory_budget: int = 1 << 30, tmp_dir:
     """
     dl = dl.new(shuffle=False, drop_last=False) if hasattr(dl, "new") else dl
     n = len(dl.dataset)
-    modes = {m: m.training for m in body.modules()}
-    body.eval()
-    run = inference_model(body, channels_last=True)[0] if fast else body
     cache, folder, i = None, None, 0
     try:
-        for b in dl:
-            xb, yb = _xy(b)
-            f = run(xb).float().cpu().contiguous()
-            if cache is None:
-                shape = (n,) + tuple(f.shape[1:])
-                nbytes = int(np.prod(shape)) * 4
-                ys = torch.empty((n,) + tuple(yb.shape[1:]), dtype=torch.as_tensor(yb).dtype)
-                if nbytes <= memory_budget:
-                    xs = torch.empty(shape, dtype=torch.float32)
-                else:
-                    folder = Path(tempfile.mkdtemp(prefix="fastai_freeze_features_", dir=tmp_dir))
-                    mm = np.lib.format.open_memmap(folder / "features.npy", mode="w+", dtype=np.float32,
-                                                   shape=shape)
-                    xs = torch.from_numpy(mm)
-                cache = FeatureCache(xs, ys, folder is not None, folder, nbytes)
-            k = f.shape[0]
-            cache.x[i:i + k] = f
-            cache.y[i:i + k] = torch.as_tensor(yb).cpu()
-            i += k
+        with kept_modes(body):
+            body.eval()
+            run = inference_model(body, channels_last=True)[0] if fast else body
+            for b in dl:
+                xb, yb = _xy(b)
+                f = run(xb).float().cpu().contiguous()
+                if cache is None:
+                    shape = (n,) + tuple(f.shape[1:])
+                    nbytes = int(np.prod(shape)) * 4
+                    ys = torch.empty((n,) + tuple(yb.shape[1:]), dtype=torch.as_tensor(yb).dtype)
+                    if nbytes <= memory_budget:
+                        xs = torch.empty(shape, dtype=torch.float32)
+                    else:
+                        folder = Path(tempfile.mkdtemp(prefix="fastai_freeze_features_", dir=tmp_dir))
+                        mm = np.lib.format.open_memmap(folder / "features.npy", mode="w+", dtype=np.float32,
+                                                       shape=shape)
+                        xs = torch.from_numpy(mm)
+                    cache = FeatureCache(xs, ys, folder is not None, folder, nbytes)
+                k = f.shape[0]
+                cache.x[i:i + k] = f
+                cache.y[i:i + k] = torch.as_tensor(yb).cpu()
+                i += k
     except BaseException:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
         raise
-    finally:
-        for m, t in modes.items():
-            m.train(t)
     if cache is None:
         raise ValueError("compute_features: the DataLoader yielded no batch")
     return cache

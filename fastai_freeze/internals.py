@@ -19,7 +19,7 @@ from fastcore.foundation import L
 from .core.state import random_state, set_random_state
 
 __all__ = ["LEARNER_ATTRS", "RECORDER_ATTRS", "LearnerSnapshot", "learner_snapshot", "restore_learner",
-           "belongs_to_fit", "unwrap_distributed_dls", "distributed_trainer_class", "metric_index",
+           "belongs_to_fit", "unwrap_distributed_dls", "distributed_trainer_class",
            "ResumedSchedule", "scheduler_of", "group_lrs"]
 
 LEARNER_ATTRS = frozenset({
@@ -131,15 +131,6 @@ def unwrap_distributed_dls(learn: Learner) -> list:
     except ImportError:
         return list(learn.dls.loaders)
     return [dl.dl if isinstance(dl, DistributedDL) else dl for dl in learn.dls.loaders]
-
-
-def metric_index(learn: Learner, name: str) -> int:
-    "Position of `name` in the Recorder's values (raises `ValueError` naming what is recorded)."
-    names = list(learn.recorder.metric_names[1:-1]) if learn.recorder.add_time else list(learn.recorder.metric_names[1:])
-    if name not in names:
-        raise ValueError(f"no metric {name!r} is recorded: the recorder has {names} (pass the metric "
-                         "to the Learner, e.g. metrics=accuracy)")
-    return names.index(name)
 
 
 def scheduler_of(learn: Learner) -> ParamScheduler | None:

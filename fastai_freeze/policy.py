@@ -40,7 +40,7 @@ from .freeze import body_bn_layers, head_bn_layers, rebuild_optimizer, set_froze
 __all__ = ["BNPolicy", "BNDecision", "check_freeze_bn", "choose_bn_policy", "decide_bn_policy",
            "apply_bn_decision", "check_batch_size", "BNPolicyKeeper", "BNPolicyCallback", "PROBE_SAMPLES", "MIN_BN_BATCH"]
 
-PROBE_SAMPLES = 256
+PROBE_SAMPLES = 128
 "Training samples the automatic choice probes (two forward passes, no gradient)."
 
 MIN_BN_BATCH = 16
@@ -181,7 +181,7 @@ def decide_bn_policy(learn: Learner, policy: str | BNPolicy = "auto", freeze_bn:
                           "the pretrained statistics are kept", bs, body_bn_layers=len(body_bns),
                           seconds=time.perf_counter() - t0)
     with kept_random_state():  # a new DataLoader draws its seed from the global generator
-        dl = learn.dls.train.new(shuffle=False, drop_last=False, bs=min(64, max(2, samples)))
+        dl = learn.dls.train.new(shuffle=False, drop_last=False, bs=64)
         probe = broadcast_object(probe_bn_statistics(body, dl, samples))  # distributed: rank 0's for all
     decision = choose_bn_policy(probe, freeze_bn, bs)
     decision.body_bn_layers, decision.seconds = len(body_bns), time.perf_counter() - t0
@@ -217,6 +217,8 @@ def apply_bn_decision(learn: Learner, decision: BNDecision, max_batches: int | N
         rep = fold_bn(model, strict=False, layers=fold)
         done.append(str(rep) + (f" (the head's {len(head)} at their initial statistics: batch size {bs} < "
                                 f"{MIN_BN_BATCH})" if head else ""))
+        done.append(f"to load weights saved from this model into a new Learner, apply the same policy to it first "
+                    f"(learn.apply_bn_policy('{decision.policy.value}')), or use learn.export / load_learner")
         rebuild_optimizer(learn)
     if decision.policy in (BNPolicy.FOLD, BNPolicy.ADAPT):
         # folded layers of the frozen groups: their affine params train in the warm-up unless freeze_bn

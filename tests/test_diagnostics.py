@@ -78,7 +78,14 @@ def test_summary_per_group_and_plots(make_learner, source_model):
     assert line.startswith("group 0: ") and "from the reference" in line
     for fig in (diag.plot_change(), diag.plot_grad_norms(), diag.plot_histograms(cols=5)):
         assert fig.axes
-    assert isinstance(diag.vanishing(), list)
+    # frozen layers have no gradient: they are not "vanishing"; a trained layer with a tiny one is
+    assert not set(diag.vanishing()) & set(convs)
+    assert all(math.isnan(v) for v in diag.grad_norms[convs[0]])
+    head = [n for n, g in diag.group_of.items() if g == len(groups) - 1]
+    assert not set(diag.vanishing()) & set(head)
+    top = max(sum(diag.grad_norms[n]) / len(diag.grad_norms[n]) for n in head)
+    diag.grad_norms[head[0]] = [top * 1e-5] * len(diag.grad_norms[head[0]])
+    assert diag.vanishing() == [head[0]]
 
 
 def test_diagnostics_off_during_lr_find(make_learner):

@@ -457,3 +457,36 @@ def test_a_build_that_fails_leaves_no_file(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         cached_file(path, build, lambda p: None)
     assert not any(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------ smaller things ----------------
+def test_no_callback_of_the_library_shadows_a_learner_attribute(make_learner):
+    from fastai_freeze import FrozenPrefix, WeightDiagnostics
+    learn = make_learner(bs=16)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*shadowing")
+        learn.fine_tune_with(1, bn="frozen")
+        learn.fit_one_cycle(2, 1e-3, cbs=[FineTuneCallback(bn="train"), FrozenPrefix(), WeightDiagnostics()])
+
+
+def test_a_folded_model_says_how_to_load_its_weights(make_learner, tmp_path):
+    learn = make_learner(bs=16)
+    learn.path = tmp_path
+    d = learn.apply_bn_policy("fold")
+    assert "apply the same policy to it first (learn.apply_bn_policy('fold'))" in d.details[-1]
+    learn.save("folded")
+    fresh = make_learner(bs=16)
+    fresh.path = tmp_path
+    with pytest.raises(RuntimeError):  # PyTorch's own missing/unexpected keys: the model differs
+        fresh.load("folded")
+    fresh.apply_bn_policy("fold")
+    fresh.load("folded")
+    for (k, a), (_, b) in zip(learn.model.state_dict().items(), fresh.model.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_a_second_fine_tune_with_on_a_folded_learner_says_no_bn_is_left(make_learner):
+    learn = make_learner(bs=16)
+    learn.fine_tune_with(1, bn="fold")
+    rec = learn.fine_tune_with(1)
+    assert "no BatchNorm layer with statistics" in rec.bn.reason and "already folded" in rec.bn.reason

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["kept_modes", "random_state", "set_random_state", "kept_random_state", "kept_grad_mode", "first_tensor", "device_of"]
+__all__ = ["kept_modes", "random_state", "set_random_state", "kept_random_state", "first_tensor", "device_of"]
 
 
 @contextmanager
@@ -51,16 +51,6 @@ def kept_random_state() -> Iterator[None]:
         yield
     finally:
         set_random_state(state)
-
-
-@contextmanager
-def kept_grad_mode() -> Iterator[None]:
-    "Whatever switches autograd on or off inside, the grad mode of entry is back on exit."
-    mode = torch.is_grad_enabled()
-    try:
-        yield
-    finally:
-        torch.set_grad_enabled(mode)
 
 
 def first_tensor(batch) -> torch.Tensor:

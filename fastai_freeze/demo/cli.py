@@ -13,6 +13,7 @@ __all__ = ["main", "CLIError", "check_folder", "FolderTask", "learner_factory", 
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 DEFAULT_ARCH = "tf_efficientnet_lite0"
+QUICK_STRATEGIES = ("fine_tune", "bn_frozen", "bn_fold", "fine_tune_with", "features")
 
 
 class CLIError(ValueError):
@@ -239,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--network", choices=("real", "pattern"), default="real",
                    help="real: ImageNet EfficientNet-Lite0 on Fashion-MNIST and digits (default); "
                         "pattern: the small pattern model")
-    d.add_argument("--quick", action="store_true", help="one scenario, one seed (about 3 minutes)")
+    d.add_argument("--quick", action="store_true",
+                   help=f"one scenario, one seed, the strategies {', '.join(QUICK_STRATEGIES)} (under 3 minutes)")
     d.add_argument("--seeds", type=_count("--seeds"), default=3)
     d.add_argument("--epochs", type=_count("--epochs"), default=2, help="unfrozen epochs (plus 1 warm-up)")
     d.add_argument("--strategies", help="comma-separated names (default: all)")
@@ -298,6 +300,7 @@ def _run(args) -> int:
         seeds = args.seeds
         if args.quick:
             names, seeds = names[:1], 1
+            strategies = strategies if args.strategies else list(QUICK_STRATEGIES)
         tasks = [EmbeddedTask(n) for n in names]
         rows = compare(tasks, strategies, seeds=seeds, epochs=args.epochs, workers=args.workers, records=records)
         _write_table(rows, args.out, f"Strategy comparison, {args.network} network (validation accuracy, mean ± std "

@@ -1,0 +1,79 @@
+"""The public surface: small, consistent, clashing with nothing of fastai's; the core is pure PyTorch."""
+import ast
+import importlib
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import fastai_freeze
+
+PACKAGE = Path(fastai_freeze.__file__).parent
+
+
+def test_the_public_api_is_small_and_every_name_exists():
+    assert 15 <= len(fastai_freeze.__all__) <= 25
+    assert len(set(fastai_freeze.__all__)) == len(fastai_freeze.__all__)
+    for name in fastai_freeze.__all__:
+        assert getattr(fastai_freeze, name) is not None, name
+
+
+def test_no_name_clashes_with_fastai_after_both_star_imports():
+    code = ("import fastai.vision.all as f; before = {k: v for k, v in vars(f).items() if not k.startswith('_')};"
+            "import fastai_freeze as ff; clash = [n for n in ff.__all__ if n in before];"
+            "print(clash); assert not clash")
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_each_modules_all_is_consistent_with_the_package():
+    for info in pkgutil.walk_packages([str(PACKAGE)], "fastai_freeze."):
+        if info.name.endswith("__main__"):
+            continue
+        mod = importlib.import_module(info.name)
+        assert hasattr(mod, "__all__"), info.name
+        for name in mod.__all__:
+            assert hasattr(mod, name), f"{info.name}.{name}"
+    for name in fastai_freeze.__all__:
+        obj = getattr(fastai_freeze, name)
+        home = importlib.import_module(obj.__module__) if hasattr(obj, "__module__") else None
+        assert home is None or name in home.__all__, f"{name} is public but not in {obj.__module__}.__all__"
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_the_core_imports_nothing_from_fastai_or_matplotlib():
+    core = list((PACKAGE / "core").glob("*.py"))
+    assert core
+    for path in core:
+        assert not _imports(path) & {"fastai", "fastcore", "matplotlib"}, path.name
+    # and it loads, as a package of its own, where fastai and matplotlib cannot be imported at all
+    code = (f"import sys, importlib.util; [sys.modules.__setitem__(m, None) for m in ('fastai', 'fastcore', 'matplotlib')];"
+            f"spec = importlib.util.spec_from_file_location('core', r'{PACKAGE / 'core' / '__init__.py'}', "
+            f"submodule_search_locations=[r'{PACKAGE / 'core'}']); m = importlib.util.module_from_spec(spec); "
+            "sys.modules['core'] = m; spec.loader.exec_module(m); print(len(m.__all__))")
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and int(out.stdout) > 10, out.stdout + out.stderr
+
+
+def test_the_library_does_not_depend_on_its_demo():
+    for path in PACKAGE.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert not node.module.startswith("demo") and "demo" not in node.module.split("."), path.name
+
+
+def test_user_facing_text_speaks_of_the_library_not_of_its_source_texts():
+    for path in list(PACKAGE.rglob("*.py")) + [PACKAGE.parent / "README.md"]:
+        text = path.read_text().lower()
+        assert "seed 00" not in text and "seeds/" not in text, path
