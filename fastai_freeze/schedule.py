@@ -401,6 +401,7 @@ class FineTuneCallback(TrackerCallback):
         self.record = FineTuneRecord()
         self.sched: FineTuneSchedule | None = None
         self._unsynced: list = []
+        self._drives_keeper = True
 
     def before_fit(self):
         super().before_fit()
@@ -417,7 +418,8 @@ class FineTuneCallback(TrackerCallback):
             bn = theirs  # the Learner's policy stands; its callback keeps it
         self.sched = FineTuneSchedule(self.learn, bn, self.freeze_bn, self.lr_mult, self.range_test,
                                       self.fallback_lr)
-        if learners and learners[0].keeper is not None:
+        self._drives_keeper = not (learners and learners[0].keeper is not None)
+        if not self._drives_keeper:  # the Learner's BNPolicyCallback keeps its policy through this fit
             self.sched.keeper = learners[0].keeper
         self.record = self.sched.record
         # DDP (fastai's distrib_ctx wraps the model before this runs) synchronises the gradients of
@@ -426,7 +428,8 @@ class FineTuneCallback(TrackerCallback):
                             if is_distributed() else None)
         self._unsynced, self.unfrozen, self.wait = [], False, 0
         self.sched.start()
-        self.sched.keeper.setup()
+        if self._drives_keeper:
+            self.sched.keeper.setup()
         self.sched.open_phase("warm-up", self.unfreeze_epoch, self._warm_lr(), "the fit's own schedule")
 
     def _warm_lr(self):
@@ -438,7 +441,7 @@ class FineTuneCallback(TrackerCallback):
         return lrs
 
     def before_train(self):
-        if self.run and self.sched is not None:
+        if self.run and self.sched is not None and self._drives_keeper:
             self.sched.keeper.before_train()
 
     def after_epoch(self):
@@ -485,6 +488,7 @@ class FineTuneCallback(TrackerCallback):
         if self.run and self.sched is not None:
             if self.record.phases and not self.record.phases[-1].end_reason:
                 self.sched.close_phase("fit ended")
-            self.sched.finish()
+            if self._drives_keeper:
+                self.sched.finish()
         super().after_fit()
 

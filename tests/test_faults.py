@@ -405,6 +405,21 @@ def test_fine_tune_with_overrides_the_learners_policy_for_its_run_only(make_lear
     assert [type(c).__name__ for c in learn.cbs].count("BNPolicyCallback") == 1  # the Learner's policy is back
 
 
+def test_a_dropin_callback_defers_to_the_learners_policy(make_learner):
+    learn = make_learner(bs=16)
+    learn.apply_bn_policy("frozen")
+    flags = [p.requires_grad for p in learn.model.parameters()]
+    cb = FineTuneCallback(range_test=RangeTest())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        learn.fit_one_cycle(2, 1e-3, cbs=cb)
+    assert cb.record.bn.policy.value == "frozen"
+    body_bn = {id(p) for _, m in bn_layers(learn.model[0]) for p in m.parameters()}
+    after = [p.requires_grad for p in learn.model.parameters()]
+    # unfrozen by the schedule, and the BN flags the policy froze for the warm-up given back exactly once
+    assert all(after) and [f for f, p in zip(flags, learn.model.parameters()) if id(p) in body_bn] == [True] * len(body_bn)
+
+
 def test_a_dropin_policy_that_conflicts_with_the_learners_is_refused(make_learner):
     learn = make_learner(bs=16)
     learn.apply_bn_policy("frozen")
