@@ -12,8 +12,8 @@ import torch
 from fastai.metrics import accuracy
 
 import fastai_freeze  # noqa: F401
-from fastai_freeze.demo.data import TARGET_CLASSES, make_patterns, pretrained_tiny_resnet, tensor_dls
 from fastai_freeze.core.fuse import inference_model
+from fastai_freeze.demo.data import TARGET_CLASSES, make_patterns, pretrained_tiny_resnet, tensor_dls
 from fastai_freeze.transfer import new_head_learner
 
 warnings.filterwarnings("ignore")

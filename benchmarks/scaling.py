@@ -85,7 +85,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     rows = []
     for n in sizes:
-        for i, op in enumerate(OPS):
+        for i in range(len(OPS)):
             out = subprocess.run([sys.executable, "-W", "ignore", __file__, "--one", str(i), str(n), "--size",
                                   str(a.size), "--budget-mb", str(a.budget_mb)], capture_output=True, text=True)
             if out.returncode:

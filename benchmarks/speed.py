@@ -122,7 +122,7 @@ def breakdown(net, args) -> tuple[dict, float]:
     learn = make_learner(net, args, n_batches=4 * args.batches)
     with learn.no_bar(), learn.no_logging():
         rec = learn.fine_tune_with(2)
-    parts = {"deciding the BN policy (probe, change)": rec.bn_seconds}
+    parts = {"deciding the BN policy (the probe)": rec.bn.seconds, "carrying it out (estimate, fold)": rec.bn.apply_seconds}
     for p in rec.phases:
         if p.range_test is not None:
             parts[f"range test before the {p.name} phase"] = p.range_test.seconds

@@ -9,17 +9,22 @@
 | `auto`   | `frozen` (or `fold`) or `adapt`, from a probe of the body's features |                  |
 
 Policies act on what was pretrained: the body's BN layers. A new head's BN layers have no
-pretrained statistics to keep. Under `train` they train as fastai trains them. Under `frozen`, `fold`
-and `adapt` they do too at batch sizes of `MIN_BN_BATCH` (16) or more; below that, batch statistics
-are too noisy (Wu & He, *Group Normalization*, 2018: ResNet-50's error grows steeply below 16 per
-batch), so their statistics are estimated once over the whole training set (as `recalibrate_bn`
-does for the body) and they are folded into trainable affine layers. Measured with 3 seeds (head BN
-with batch statistics / estimated and folded / folded at its initial statistics, i.e. no
-normalisation): ImageNet EfficientNet-Lite0, 400 images, batch 8, bn='frozen': Fashion-MNIST
-0.598 / 0.652 / 0.729, digits 0.729 / 0.762 / 0.821; the pattern model, 200 digits, batch 4,
-bn='adapt': 0.779 / 0.838 / 0.693. Estimating is never the worst of the three; dropping the
-normalisation is the best on one network and the worst on the other. At batch size 64 batch
-statistics did best (0.673 / 0.601 / 0.654 and 0.737 / 0.725 / 0.722 on the real network).
+pretrained statistics to keep; what they do follows from each policy:
+
+- `train`: they train as fastai trains them (batch statistics), as the body's do.
+- `adapt`: the new data's statistics everywhere: the head's are estimated with the body's, in the
+  same pass over the training set, and folded with them.
+- `frozen`, `fold`: at batch sizes of `MIN_BN_BATCH` (16) or more they train with batch statistics;
+  below, batch statistics are too noisy (Wu & He, *Group Normalization*, 2018: ResNet-50's error
+  grows steeply below 16 per batch), so their statistics are estimated once over the training set
+  and they are folded.
+
+Measured with 3 seeds (head BN with batch statistics / estimated and folded / folded at its initial
+statistics, i.e. no normalisation). ImageNet EfficientNet-Lite0, 400 images, bn='frozen', batch 8:
+Fashion-MNIST 0.598 / 0.652 / 0.729, digits 0.729 / 0.762 / 0.821; batch 64: 0.673 / 0.601 / 0.654
+and 0.737 / 0.725 / 0.722. The pattern model, 200 digits, bn='adapt', batch 4: 0.779 / 0.838 /
+0.693; batch 64: 0.579 / 0.641 / -. Estimating is never the worst of the three below batch 16;
+dropping the normalisation is the best on one network and the worst on the other.
 """
 from __future__ import annotations
 
@@ -75,7 +80,10 @@ class BNPolicy(str, Enum):
 
 @dataclass
 class BNDecision:
-    "Which BN policy applies, and why, with the measurements behind it (the record keeps this)."
+    """Which BN policy applies, and why, with the measurements behind it (the record keeps this).
+
+    `seconds`: measuring and deciding (the probe); `apply_seconds`: carrying it out (re-estimating
+    statistics, folding)."""
     policy: BNPolicy
     freeze_bn: bool
     reason: str
@@ -83,6 +91,7 @@ class BNDecision:
     probe: StatisticsProbe | None = None
     body_bn_layers: int = 0
     seconds: float = 0.0
+    apply_seconds: float = 0.0
     details: list[str] = field(default_factory=list)
 
     @property
@@ -193,10 +202,10 @@ def decide_bn_policy(learn: Learner, policy: str | BNPolicy = "auto", freeze_bn:
 def apply_bn_decision(learn: Learner, decision: BNDecision, max_batches: int | None = 200) -> str:
     """Carry out the model change a decision needs and rebuild the optimizer; returns what was done.
 
-    `adapt` re-estimates the body's statistics on the training data; `fold` and `adapt` fold the
-    body's BN layers; under `frozen`, `fold` and `adapt` at batch sizes below `MIN_BN_BATCH` the
-    head's BN layers get statistics estimated on the training data and are folded. `train` changes
-    nothing.
+    `adapt` re-estimates the statistics of the body's and the head's BN layers on the training data
+    and folds them; `fold` folds the body's; under `frozen` and `fold` at batch sizes below
+    `MIN_BN_BATCH` the head's BN layers get statistics estimated on the training data and are
+    folded. `train` changes nothing.
     """
     if decision.policy is BNPolicy.TRAIN or not decision.body_bn_layers:
         return "no module changed"
@@ -206,8 +215,9 @@ def apply_bn_decision(learn: Learner, decision: BNDecision, max_batches: int | N
     model = unwrap_model(learn.model)
     body = [m for _, m in body_bn_layers(model, _head_params(learn))]
     bs = getattr(learn.dls.train, "bs", None)
+    small = bs is not None and bs < MIN_BN_BATCH
     head = ([m for _, m in head_bn_layers(model, _head_params(learn)) if getattr(m, "running_mean", None) is not None]
-            if bs is not None and bs < MIN_BN_BATCH else [])
+            if decision.policy is BNPolicy.ADAPT or small else [])
     done = []
     estimate = (body if decision.policy is BNPolicy.ADAPT else []) + head
     if estimate:  # one pass: the head's statistics are those of the body's features as they will be
@@ -219,15 +229,16 @@ def apply_bn_decision(learn: Learner, decision: BNDecision, max_batches: int | N
     fold = (body if decision.policy in (BNPolicy.FOLD, BNPolicy.ADAPT) else []) + head
     if fold:
         rep = fold_bn(model, strict=False, layers=fold)
-        done.append(str(rep) + (f" (the head's {len(head)} with statistics estimated on the training data: "
-                                f"batch size {bs} < {MIN_BN_BATCH})" if head else ""))
+        why = "bn='adapt'" if decision.policy is BNPolicy.ADAPT else f"batch size {bs} < {MIN_BN_BATCH}"
+        done.append(str(rep) + (f" (the head's {len(head)} with statistics estimated on the training data: {why})"
+                                if head else ""))
         done.append(f"to load weights saved from this model into a new Learner, apply the same policy to it first "
                     f"(learn.apply_bn_policy('{decision.policy.value}')), or use learn.export / load_learner")
         rebuild_optimizer(learn)
     if decision.policy in (BNPolicy.FOLD, BNPolicy.ADAPT):
         # folded layers of the frozen groups: their affine params train in the warm-up unless freeze_bn
         set_frozen_bn_trainable(learn, not decision.freeze_bn)
-    decision.seconds += time.perf_counter() - t0
+    decision.apply_seconds += time.perf_counter() - t0
     return "; ".join(done) or "no module changed"
 
 

@@ -69,7 +69,11 @@ class FineTuneRecord:
     unfroze_at_epoch: int | None = None
     unfreeze_reason: str = ""
     notes: list[str] = field(default_factory=list)
-    bn_seconds: float = 0.0
+
+    @property
+    def bn_seconds(self) -> float:
+        "Deciding the BN policy (the probe) and carrying it out (re-estimating, folding)."
+        return (self.bn.seconds + self.bn.apply_seconds) if self.bn is not None else 0.0
 
     @property
     def seconds(self) -> float:
@@ -78,8 +82,8 @@ class FineTuneRecord:
 
     @property
     def decision_seconds(self) -> float:
-        "The part of `seconds` spent deciding: the BN policy's measurements and change, and the range tests."
-        return self.bn_seconds + sum(rt.seconds for _, rt in self.range_tests)
+        "The part of `seconds` spent deciding: the BN policy's probe and the range tests."
+        return (self.bn.seconds if self.bn is not None else 0.0) + sum(rt.seconds for _, rt in self.range_tests)
 
     @property
     def range_tests(self) -> list[tuple[str, RangeTestResult]]:

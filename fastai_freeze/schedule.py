@@ -125,7 +125,7 @@ class FineTuneSchedule:
     def start(self) -> None:
         "Decide and apply the BN policy, freeze the body (BN parameters as `freeze_bn` says)."
         decision = self.keeper.resolve()
-        self.record.bn, self.record.bn_seconds = decision, decision.seconds
+        self.record.bn = decision
         self.learn.freeze_body(freeze_bn=decision.freeze_bn)
 
     def rates(self, top: float) -> slice:

@@ -13,8 +13,8 @@ from fastai.distributed import DistributedDL
 from fastai.metrics import accuracy
 
 import fastai_freeze  # noqa: F401
-from fastai_freeze.demo.data import TARGET_CLASSES, make_patterns, pretrained_tiny_resnet, tensor_dls
 from fastai_freeze import FineTuneCallback, RangeTest
+from fastai_freeze.demo.data import TARGET_CLASSES, make_patterns, pretrained_tiny_resnet, tensor_dls
 from fastai_freeze.transfer import new_head_learner
 
 warnings.filterwarnings("ignore")

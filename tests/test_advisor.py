@@ -5,8 +5,8 @@ import torch
 import fastai_freeze  # noqa: F401
 from fastai_freeze.advisor import Advice, choose_strategy
 from fastai_freeze.core import logme
-from fastai_freeze.record import FineTuneRecord
 from fastai_freeze.demo.data import load_digits_images, tensor_dls
+from fastai_freeze.record import FineTuneRecord
 from fastai_freeze.transfer import new_head_learner
 
 

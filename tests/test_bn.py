@@ -6,7 +6,6 @@ import torchvision
 from torch import nn
 from torch.testing import assert_close
 
-from fastai_freeze.core.fuse import fuse_conv_bn
 from fastai_freeze.core.bn import (
     BNAffine,
     bn_layers,
@@ -16,6 +15,7 @@ from fastai_freeze.core.bn import (
     recalibrate_bn,
     set_bn_eval_mode,
 )
+from fastai_freeze.core.fuse import fuse_conv_bn
 
 
 def _randomize_stats(model, shape, steps=3, seed=0):

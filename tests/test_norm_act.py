@@ -6,7 +6,12 @@ import timm
 import torch
 import torchvision
 from timm.layers import BatchNormAct2d
-from timm.layers.norm_act import FrozenBatchNormAct2d, SyncBatchNormAct, convert_sync_batchnorm, freeze_batch_norm_2d
+from timm.layers.norm_act import (
+    FrozenBatchNormAct2d,
+    SyncBatchNormAct,
+    convert_sync_batchnorm,
+    freeze_batch_norm_2d,
+)
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 

@@ -7,8 +7,8 @@ from fastai.learner import load_learner
 
 import fastai_freeze  # noqa: F401
 from fastai_freeze.core.bn import BNAffine, bn_layers
-from fastai_freeze.freeze import body_bn_layers
 from fastai_freeze.core.logme import StatisticsProbe
+from fastai_freeze.freeze import body_bn_layers
 from fastai_freeze.policy import BNPolicy, BNPolicyCallback, choose_bn_policy, decide_bn_policy
 
 
@@ -231,6 +231,9 @@ def test_head_bn_gets_estimated_statistics_below_batch_16(make_learner, bs, fold
     learn2 = make_learner(bs=bs)
     learn2.apply_bn_policy("train")  # under 'train' nothing changes
     assert not any(isinstance(m, BNAffine) for _, m in bn_layers(learn2.model))
+    learn3 = make_learner(bs=bs)
+    d3 = learn3.apply_bn_policy("adapt")  # under 'adapt' the head's statistics are the new data's too
+    assert all(isinstance(m, BNAffine) for _, m in bn_layers(learn3.model)) and "bn='adapt'" in d3.details[-1]
 
 
 def test_policy_on_model_without_bn_is_a_clear_no_op():

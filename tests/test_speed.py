@@ -1,7 +1,6 @@
 import os
 
 import numpy as np
-
 import pytest
 import torch
 from fastai.callback.core import Callback
@@ -12,11 +11,11 @@ from fastai.vision.learner import vision_learner
 from torchvision.models import resnet18
 
 import fastai_freeze  # noqa: F401
-from fastai_freeze.demo.data import tensor_dls
 from fastai_freeze.callbacks import FrozenPrefix
+from fastai_freeze.core.fuse import inference_model
+from fastai_freeze.demo.data import tensor_dls
 from fastai_freeze.features import cached_warmup, compute_features, random_transforms
 from fastai_freeze.freeze import frozen_prefix
-from fastai_freeze.core.fuse import inference_model
 from fastai_freeze.transfer import new_head_learner
 
 

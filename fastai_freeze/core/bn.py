@@ -28,7 +28,7 @@ __all__ = [
     "BNAffine", "UnknownBNLayerError", "register_bn_layer", "is_bn", "bn_layers", "bn_parameters",
     "bn_statistics", "post_norm_modules", "FoldReport", "fold_bn", "RecalibrationReport",
     "recalibrate_bn", "batch_statistics", "freeze_bn_layers", "set_bn_eval_mode", "ShiftReport", "bn_shift",
-    "shift_kl", "moments_hook",
+    "shift_kl", "moments_hook", "recorded_moments",
 ]
 
 
@@ -297,6 +297,29 @@ def moments_hook(store: dict):
     return hook
 
 
+@contextmanager
+def recorded_moments(layers: Iterable[nn.Module]) -> Iterator[dict]:
+    """Inside, every forward of `layers` adds its input's pooled moments to the yielded dict
+    (`{module: [count, sum, sum of squares]}`); the hooks are removed on exit, whatever happens."""
+    store: dict[nn.Module, list] = {}
+    handles = [m.register_forward_pre_hook(moments_hook(store)) for m in layers]
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _layers_with_stats(model: nn.Module, layers: Iterable[nn.Module] | None, what: str) -> list[tuple[str, nn.Module]]:
+    keep = None if layers is None else set(layers)
+    todo = [(n, m) for n, m in bn_layers(model, include_folded=False)
+            if _has_stats(m) and (keep is None or m in keep)]
+    if not todo:
+        raise ValueError(f"{what}: the model has no BatchNorm layer with running statistics"
+                         + (" (already folded? fold after recalibrating)" if what == "recalibrate_bn" else ""))
+    return todo
+
+
 def _run_batches(model: nn.Module, batches: Iterable, max_batches: int | None, forward: Callable | None) -> tuple[int, int]:
     "Feed `batches` to `model`; returns (batches, samples)."
     if max_batches is not None and max_batches < 1:
@@ -400,20 +423,10 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, forward: Callable | None
     `batches` yields inputs (or tuples whose first element is the input); `forward(model, batch)`
     overrides how a batch is fed; `layers` restricts the update to some BN modules.
     """
-    keep = None if layers is None else set(layers)
-    todo = [(n, m) for n, m in bn_layers(model, include_folded=False)
-            if _has_stats(m) and (keep is None or m in keep)]
-    if not todo:
-        raise ValueError("recalibrate_bn: the model has no BatchNorm layer with running statistics "
-                         "(already folded? fold after recalibrating)")
-    sums: dict[nn.Module, list] = {}
-    handles = [m.register_forward_pre_hook(moments_hook(sums)) for _, m in todo]
-    try:
-        with batch_statistics(model, [m for _, m in todo]):
-            nb, ns = _run_batches(model, batches, max_batches, forward)
-    finally:
-        for h in handles:
-            h.remove()
+    todo = _layers_with_stats(model, layers, "recalibrate_bn")
+    mods = [m for _, m in todo]
+    with recorded_moments(mods) as sums, batch_statistics(model, mods):
+        nb, ns = _run_batches(model, batches, max_batches, forward)
     if nb == 0:
         raise ValueError("recalibrate_bn: `batches` yielded no batch")
     new = {}
@@ -490,20 +503,10 @@ def bn_shift(model: nn.Module, batches: Iterable, max_batches: int | None = 8,
     about the pretraining data, so the fastai layer passes the body's only). Layers the data never
     reaches are left out and named; a non-finite measurement raises `ValueError`.
     """
-    keep = None if layers is None else set(layers)
-    todo = [(n, m) for n, m in bn_layers(model, include_folded=False)
-            if _has_stats(m) and (keep is None or m in keep)]
-    if not todo:
-        raise ValueError("bn_shift: the model has no BatchNorm layer with running statistics")
-    stats: dict[nn.Module, list] = {}
-    handles = [m.register_forward_pre_hook(moments_hook(stats)) for _, m in todo]
-    try:
-        with kept_modes(model):
-            model.eval()
-            _, ns = _run_batches(model, batches, max_batches, None)
-    finally:
-        for h in handles:
-            h.remove()
+    todo = _layers_with_stats(model, layers, "bn_shift")
+    with recorded_moments([m for _, m in todo]) as stats, kept_modes(model):
+        model.eval()
+        _, ns = _run_batches(model, batches, max_batches, None)
     if ns == 0:
         raise ValueError("bn_shift: `batches` yielded no batch")
     out = {name: shift_kl(m, *stats[m]) for name, m in todo if m in stats}

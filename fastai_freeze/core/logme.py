@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bn import _check_finite, batch_statistics, bn_layers, moments_hook, shift_kl
+from .bn import _check_finite, batch_statistics, bn_layers, recorded_moments, shift_kl
 from .state import device_of, first_tensor, kept_modes
 
 __all__ = ["logme", "pooled_features", "StatisticsProbe", "probe_bn_statistics"]
@@ -118,13 +118,8 @@ def probe_bn_statistics(body: nn.Module, batches: Iterable, max_samples: int = 2
     batches = list(_take(batches, max_samples))
     if not batches:
         raise ValueError("probe_bn_statistics: `batches` yielded no batch")
-    stats: dict[nn.Module, list] = {}
-    handles = [m.register_forward_pre_hook(moments_hook(stats)) for m in layers]
-    try:
+    with recorded_moments(layers) as stats:
         f_pre, y = pooled_features(body, batches)
-    finally:
-        for h in handles:
-            h.remove()
     kl = {str(i): shift_kl(m, *stats[m]) for i, m in enumerate(layers) if m in stats}
     _check_finite("probe_bn_statistics", kl)
     with batch_statistics(body, layers):
