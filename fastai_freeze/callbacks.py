@@ -8,7 +8,7 @@ every `TrackerCallback` does.
 from __future__ import annotations
 
 import torch
-from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.core import CancelFitException
 from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback, TrackerCallback
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -16,6 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .core.fuse import inference_model
 from .distrib import unwrap_model
 from .freeze import frozen_prefix
+from .internals import FitScopedCallback
 
 __all__ = ["UnfreezeOnPlateau", "StopAtTarget", "FrozenPrefix"]
 
@@ -104,7 +105,7 @@ def _identity(x, *args, **kwargs):
     return x
 
 
-class FrozenPrefix(Callback):
+class FrozenPrefix(FitScopedCallback):
     """During training epochs, runs the frozen leading part of the model without autograd and, when
     it computes a fixed function (every parameter frozen, its BN frozen or folded, no active
     dropout) and no forward hook watches it, as a fused, channels-last inference copy
@@ -113,7 +114,8 @@ class FrozenPrefix(Callback):
     The prefix is looked up at each epoch (`frozen_prefix`): what unfreezes leaves it at the next
     epoch, and the copy is rebuilt when the prefix or its weights changed. Outputs match the normal
     path to float precision (the copy) or exactly (no-grad only). Nothing is left on the model after
-    an epoch, also after an error or an interrupt (fastai runs `after_train` in a `finally`).
+    a training epoch, nor after an error or an interrupt (`FitScopedCallback.cleanup`); the grad mode
+    is a context manager's, so it comes back whatever happens.
     """
     order = TrackerCallback.order + 3  # after every callback that sets BN modes in before_train
     _pause_in_probe = True
@@ -149,6 +151,9 @@ class FrozenPrefix(Callback):
         self.remove()
 
     def after_fit(self):
+        self.cleanup()
+
+    def cleanup(self) -> None:
         self.remove()
         self._key = self._copy = None
 

@@ -16,7 +16,7 @@ from torch import nn
 from .core.bn import bn_layers, bn_parameters
 
 __all__ = ["check_splittable", "body_bn_layers", "head_bn_layers", "set_frozen_bn_trainable", "frozen_state",
-           "trainable_groups", "BNSplitter", "rebuild_optimizer", "frozen_prefix", "staged_splitter"]
+           "trainable_groups", "policy_freezes_bn", "BNSplitter", "rebuild_optimizer", "frozen_prefix", "staged_splitter"]
 
 _SPLITTER_HINT = (
     "Give the Learner a splitter that returns [body_params, head_params], for example "
@@ -104,12 +104,12 @@ def set_frozen_bn_trainable(learn: Learner, trainable: bool) -> list[nn.Paramete
     return out
 
 
-def _policy_freezes_bn(learn: Learner) -> bool:
+def policy_freezes_bn(learn: Learner) -> bool:
     "Whether the BN policy set on this Learner (if any) freezes BN parameters while the body is frozen."
+    from .policy import BNPolicyCallback  # policy.py builds on this module
     for cb in learn.cbs:
-        dec = getattr(cb, "decision", None)
-        if type(cb).__name__ == "BNPolicyCallback" and dec is not None:
-            return dec.freeze_bn
+        if isinstance(cb, BNPolicyCallback) and cb.decision is not None:
+            return cb.decision.freeze_bn
     return False
 
 
@@ -129,7 +129,7 @@ def freeze_body(self: Learner, freeze_bn: bool | None = None, n: int = -1) -> li
     if not isinstance(n, int) or not -ngroups < n < ngroups or n == 0:
         raise ValueError(f"n={n!r}: pick a group index that leaves at least one group trainable and one "
                          f"frozen, between 1 and {ngroups - 1} (or -1 for 'all but the head')")
-    freeze_bn = _policy_freezes_bn(self) if freeze_bn is None else freeze_bn
+    freeze_bn = policy_freezes_bn(self) if freeze_bn is None else freeze_bn
     self.opt.freeze_to(n)
     set_frozen_bn_trainable(self, not freeze_bn)
     self.opt.clear_state()

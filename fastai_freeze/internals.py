@@ -7,10 +7,12 @@ The snapshot itself does not depend on those lists: it keeps every attribute the
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from fastai.callback.core import Callback
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import ParamScheduler
 from fastai.learner import Learner
@@ -18,16 +20,22 @@ from fastcore.foundation import L
 
 from .core.state import random_state, set_random_state
 
-__all__ = ["LEARNER_ATTRS", "RECORDER_ATTRS", "LearnerSnapshot", "learner_snapshot", "restore_learner",
-           "belongs_to_fit", "unwrap_distributed_dls", "distributed_trainer_class",
+__all__ = ["LEARNER_ATTRS", "RECORDER_ATTRS", "learner_attributes", "LearnerSnapshot", "learner_snapshot",
+           "restore_learner", "FitScopedCallback", "paused_callbacks", "belongs_to_fit", "unwrap_distributed_dls", "distributed_trainer_class",
            "ResumedSchedule", "scheduler_of", "group_lrs"]
 
 LEARNER_ATTRS = frozenset({
-    "_metrics", "cast_to_tensor", "cbs", "create_mbar", "default_cbs", "dl", "dls", "epoch", "final_record",
+    "_metrics", "cbs", "create_mbar", "default_cbs", "dl", "dls", "epoch", "final_record",
     "iter", "lock", "logger", "loss", "loss_func", "loss_grad", "lr", "model", "model_dir", "moms", "n_epoch",
-    "n_iter", "opt", "opt_func", "path", "pct_train", "pred", "recorder", "smooth_loss", "splitter", "train_bn",
-    "train_eval", "train_iter", "training", "wd", "wd_bn_bias", "xb", "yb"})
-"The instance attributes of a fastai 2.8 Learner after a fit (before one, a subset)."
+    "n_iter", "opt", "opt_func", "path", "pct_train", "pred", "smooth_loss", "splitter", "train_bn",
+    "train_iter", "training", "wd", "wd_bn_bias", "xb", "yb"})
+"""The instance attributes of a fastai 2.8 Learner after a fit (before one, a subset), besides the one
+per callback that fastai's `add_cb` sets under the callback's `name` (`learn.recorder`...)."""
+
+
+def learner_attributes(learn: Learner) -> set[str]:
+    "The Learner's instance attributes, without the ones named after its callbacks (`add_cb` sets them)."
+    return set(learn.__dict__) - {cb.name for cb in learn.cbs}
 
 RECORDER_ATTRS = frozenset({
     "add_time", "train_metrics", "valid_metrics", "loss", "smooth_loss", "learn", "lrs", "iters", "losses",
@@ -104,6 +112,47 @@ def restore_learner(learn: Learner, snap: LearnerSnapshot) -> None:
         rec.__dict__.clear()
         rec.__dict__.update(_history(snap._recorder))
     set_random_state(snap._rng)
+
+
+class FitScopedCallback(Callback):
+    """A callback with state to give back however its fit ends: `cleanup()` (idempotent) runs then.
+
+    fastai calls `after_fit` when a fit ends or is cancelled, but after an error or a
+    `KeyboardInterrupt` it calls no event at all. What it does run in a `finally` is the removal of
+    the fit's callbacks (`Learner.fit(cbs=...)` adds them with `added_cbs`; `fine_tune_with` removes
+    its own the same way), and `remove_cb` sets `cb.learn = None`: that is where `cleanup()` runs,
+    besides `after_fit`. A callback a probe takes off for a while (`paused_callbacks`) is not ended.
+    A callback kept on the Learner (`learn.add_cb`) is never removed: it cleans up at the start of
+    its next fit instead (`before_fit` calls `cleanup()` when the last fit did not end).
+    """
+    _paused = False
+
+    def __setattr__(self, name, value):
+        if (name == "learn" and value is None and not self.__dict__.get("_paused")
+                and self.__dict__.get("learn") is not None):
+            try:
+                self.cleanup()
+            finally:
+                super().__setattr__(name, value)
+            return
+        super().__setattr__(name, value)
+
+    def cleanup(self) -> None:
+        "Give back what this callback changed for its fit (called once the fit ended, however)."
+
+
+@contextmanager
+def paused_callbacks(learn: Learner, cbs: list) -> Iterator[None]:
+    "Inside, `cbs` are off the Learner (fastai's `removed_cbs`), and taking them off does not end their fit."
+    scoped = [cb for cb in cbs if isinstance(cb, FitScopedCallback)]
+    for cb in scoped:
+        cb._paused = True
+    try:
+        with learn.removed_cbs(cbs):
+            yield
+    finally:
+        for cb in scoped:
+            cb._paused = False
 
 
 def distributed_trainer_class() -> type | None:

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
-from fastai.callback.core import Callback, TrainEvalCallback
+from fastai.callback.core import TrainEvalCallback
 from fastai.learner import Learner
 from fastcore.basics import patch
 from torch import nn
@@ -42,6 +42,7 @@ from .core.logme import StatisticsProbe, probe_bn_statistics
 from .core.state import kept_random_state
 from .distrib import broadcast_module_state, broadcast_object, unwrap_model
 from .freeze import body_bn_layers, head_bn_layers, rebuild_optimizer, set_frozen_bn_trainable
+from .internals import FitScopedCallback
 
 __all__ = ["BNPolicy", "BNDecision", "check_freeze_bn", "choose_bn_policy", "decide_bn_policy",
            "apply_bn_decision", "check_batch_size", "BNPolicyKeeper", "BNPolicyCallback", "PROBE_SAMPLES", "MIN_BN_BATCH"]
@@ -292,19 +293,22 @@ class BNPolicyKeeper:
         for m in self._eval_layers:
             m.train(mode)
         for p, flag in self._grad_flags.items():
-            p.requires_grad_(flag)
+            if not p.requires_grad:  # still as `setup` left it (an unfreeze since then stands)
+                p.requires_grad_(flag)
         self._eval_layers, self._grad_flags = [], {}
 
 
-class BNPolicyCallback(Callback):
+class BNPolicyCallback(FitScopedCallback):
     """Apply a BN policy for a fit and keep it across epochs.
 
     Use it as a drop-in (`learn.fit_one_cycle(5, cbs=BNPolicyCallback('frozen'))`) or set it on
     the Learner with `learn.apply_bn_policy(...)`. `fold`/`adapt` change the model before the first
     batch and rebuild the optimizer (fastai builds it before `before_fit`); `frozen` puts the body's
-    BN layers back in eval mode after fastai's `model.train()` every epoch and, when the fit ends or
-    is interrupted, gives them the mode of the rest of the model again. A fit without an optimizer
-    (`get_preds` on a loaded Learner) needs nothing from it.
+    BN layers back in eval mode after fastai's `model.train()` every epoch and, when the fit ends
+    however it ends (an error or a Ctrl-C included, see `FitScopedCallback`), gives them the mode of
+    the rest of the model and their `requires_grad` flags back. A fit without an optimizer
+    (`get_preds` on a loaded Learner) needs nothing from it. A range test run inside a fit (by
+    `FineTuneCallback`) keeps the outer fit's set-up.
     """
     order = TrainEvalCallback.order + 1  # after fastai's model.train() in before_train
 
@@ -315,7 +319,8 @@ class BNPolicyCallback(Callback):
             check_freeze_bn(self.policy, freeze_bn)
         self.freeze_bn, self.recalibration_batches = freeze_bn, recalibration_batches
         self.keeper: BNPolicyKeeper | None = None
-        self._depth = 0  # a range test runs a fit inside a fit: set up and restore at the outer one
+        self._active = False  # set up by a fit that has not ended yet
+        self._nested = 0  # range tests running inside that fit
 
     @classmethod
     def for_keeper(cls, keeper: BNPolicyKeeper) -> BNPolicyCallback:
@@ -334,20 +339,30 @@ class BNPolicyCallback(Callback):
         return self.keeper.resolve()
 
     def before_fit(self):
-        self._depth += 1
-        if self._depth > 1 or self.learn.opt is None:
+        if self._active and hasattr(self.learn, "lr_finder"):
+            self._nested += 1  # a range test inside the fit this callback set up: that set-up stands
+            return
+        self.cleanup()  # a no-op, unless the last fit ended without any event (kept on the Learner)
+        if self.learn.opt is None:
             return
         self.resolve()
         self.keeper.setup()
+        self._active = True
 
     def before_train(self):
         if self.keeper is not None:
             self.keeper.before_train()
 
     def after_fit(self):  # fastai calls it after a cancelled fit too
-        self._depth = max(self._depth - 1, 0)
-        if self._depth == 0 and self.keeper is not None:
+        if self._nested:
+            self._nested -= 1
+        else:
+            self.cleanup()
+
+    def cleanup(self) -> None:
+        if self._active and self.keeper is not None:
             self.keeper.restore()
+        self._active, self._nested = False, 0
 
 
 @patch

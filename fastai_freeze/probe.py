@@ -37,7 +37,7 @@ from fastai.torch_core import even_mults
 
 from .core.state import kept_modes, kept_random_state
 from .distrib import broadcast_object, local_fit_state
-from .internals import belongs_to_fit, learner_snapshot, restore_learner
+from .internals import belongs_to_fit, learner_snapshot, paused_callbacks, restore_learner
 from .record import RangeTestResult
 
 __all__ = ["SUGGESTERS", "RangeTest", "range_test", "held_out_batch", "DEFAULT_FALLBACK_LR"]
@@ -225,7 +225,7 @@ def range_test(learn: Learner, config: RangeTest = RangeTest(), lr_mult: float |
             held = None if held is None else (held[0].to(dev), held[1].to(dev))
             sweep = _Sweep(config.start_lr * ratios, config.end_lr * ratios, num_it, config.stop_div,
                            num_it // 10, held)
-            with learn.removed_cbs(paused), learn.no_logging():
+            with paused_callbacks(learn, paused), learn.no_logging():
                 learn.fit(num_it // n_batches + 1, cbs=sweep)
             full_lrs = [float(x) for x in learn.recorder.lrs]
             full_losses = list(sweep.curve)

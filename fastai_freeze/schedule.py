@@ -28,12 +28,13 @@ from .distrib import is_distributed
 from .features import cached_warmup, check_cacheable
 from .freeze import (
     check_splittable,
+    policy_freezes_bn,
     rebuild_optimizer,
     set_frozen_bn_trainable,
     staged_splitter,
     trainable_groups,
 )
-from .internals import ResumedSchedule, group_lrs, scheduler_of
+from .internals import FitScopedCallback, ResumedSchedule, group_lrs, scheduler_of
 from .policy import BNPolicy, BNPolicyCallback, BNPolicyKeeper, check_batch_size, check_freeze_bn
 from .probe import DEFAULT_FALLBACK_LR, RangeTest, range_test
 from .record import FineTuneRecord, PhaseRecord, RangeTestResult
@@ -172,7 +173,12 @@ class FineTuneSchedule:
             warnings.warn(note, stacklevel=2)
 
     def finish(self) -> None:
+        """Give back what the policy changed for the fit. Stopped while groups are still frozen (an
+        interrupt in the warm-up), their BN parameters are left as `learn.freeze_body()` leaves
+        them, not as the warm-up had them."""
         self.keeper.restore()
+        if self.learn.opt is not None and self.learn.opt.frozen_idx:
+            set_frozen_bn_trainable(self.learn, not policy_freezes_bn(self.learn))
 
 
 # ---------------------------------------------------------------- the method ------------------
@@ -366,7 +372,7 @@ def fine_tune_with(self: Learner, epochs: int, base_lr: float | None = 2e-3, fre
 
 
 # ---------------------------------------------------------------- the callback ----------------
-class FineTuneCallback(TrackerCallback):
+class FineTuneCallback(FitScopedCallback, TrackerCallback):
     """The `fine_tune_with` schedule inside an existing `fit_one_cycle`/`fit` call.
 
     `learn.fit_one_cycle(6, 1e-3, cbs=FineTuneCallback(unfreeze_epoch=2))` applies the BN policy
@@ -374,10 +380,17 @@ class FineTuneCallback(TrackerCallback):
     `unfreeze_epoch` (or earlier, with `Unfreeze(plateau=True)`, once the monitored value stops
     improving), runs a range test on the unfrozen model and continues the remaining epochs with a new
     one-cycle schedule at `slice(lr / lr_mult, lr)` (with plain `fit`: at those constant rates).
-    Off while `lr_find` runs. The decisions are in `self.record`, a `FineTuneRecord`.
+    Off while `lr_find` runs. The decisions are in `self.record`, a `FineTuneRecord`. However the fit
+    ends (an error or a Ctrl-C included), the BN policy's changes for the fit are given back and the
+    record's last phase is closed (`FitScopedCallback`).
     """
     order = TrackerCallback.order + 2
     _pause_in_probe = True
+
+    @property
+    def name(self) -> str:
+        "The attribute fastai sets on the Learner for this callback (not `fine_tune`: that is a method)."
+        return "fine_tune_schedule"
 
     def __init__(self, unfreeze_epoch: int = 1, unfreeze: Unfreeze | str | None = None, bn: str = "auto",
                  freeze_bn: bool | None = None, lr_mult: float = 100, range_test: RangeTest | None = None,
@@ -404,6 +417,7 @@ class FineTuneCallback(TrackerCallback):
         self._drives_keeper = True
 
     def before_fit(self):
+        self.cleanup("the fit ended without an event")  # a no-op unless kept on the Learner and interrupted
         super().before_fit()
         if not self.run:
             return
@@ -485,10 +499,18 @@ class FineTuneCallback(TrackerCallback):
                     p.grad.div_(world)
 
     def after_fit(self):
-        if self.run and self.sched is not None:
-            if self.record.phases and not self.record.phases[-1].end_reason:
-                self.sched.close_phase("fit ended")
-            if self._drives_keeper:
-                self.sched.finish()
+        if self.run:
+            self.cleanup("fit ended")
         super().after_fit()
 
+    def cleanup(self, reason: str = "interrupted") -> None:
+        "Close the record's open phase, give back what the BN policy changed for the fit."
+        sched, self.sched, self._unsynced = self.sched, None, []
+        if sched is None:
+            return
+        try:
+            if self.record.phases and not self.record.phases[-1].end_reason:
+                sched.close_phase(reason)
+        finally:
+            if self._drives_keeper:
+                sched.finish()

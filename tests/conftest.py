@@ -32,7 +32,8 @@ def target_data():
 @pytest.fixture
 def make_learner(source_model, target_data):
     def _make(bs=16, seed=0, metrics=accuracy, **kwargs):
-        xt, yt, xv, yv = target_data
+        # copies: a test may write into its Learner's data (NaN injection), the next must not see it
+        xt, yt, xv, yv = (t.clone() for t in target_data)
         dls = tensor_dls(xt, yt, xv, yv, bs=bs, seed=seed)
         torch.manual_seed(seed)
         learn = new_head_learner(source_model, dls, metrics=metrics, **kwargs)

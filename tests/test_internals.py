@@ -3,13 +3,19 @@ import torch
 from fastai.callback.schedule import ParamScheduler
 
 import fastai_freeze  # noqa: F401
-from fastai_freeze.internals import LEARNER_ATTRS, RECORDER_ATTRS, learner_snapshot, restore_learner
+from fastai_freeze.internals import (
+    LEARNER_ATTRS,
+    RECORDER_ATTRS,
+    learner_attributes,
+    learner_snapshot,
+    restore_learner,
+)
 
 
 def test_a_fit_leaves_the_learner_and_recorder_attributes_this_library_knows(make_learner):
     learn = make_learner(bs=16)
     learn.fit_one_cycle(1, 1e-3)  # a ParamScheduler fit: the Recorder gets `hps` too
-    assert set(learn.__dict__) == LEARNER_ATTRS, set(learn.__dict__) ^ LEARNER_ATTRS
+    assert learner_attributes(learn) == LEARNER_ATTRS, learner_attributes(learn) ^ LEARNER_ATTRS
     assert set(learn.recorder.__dict__) == RECORDER_ATTRS, set(learn.recorder.__dict__) ^ RECORDER_ATTRS
 
 

@@ -2,3 +2,5 @@
 
 Outside the library core: nothing in `fastai_freeze` imports this package.
 """
+
+__all__: list[str] = []  # its modules are imported by name: demo.data, demo.comparison, demo.cli
