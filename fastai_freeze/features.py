@@ -76,6 +76,13 @@ class FeatureCache:
     folder: Path | None = None
     nbytes: int = 0
 
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        "`(features, target)` of item `i`: a view, read from the file when on disk (no per-item copy kept)."
+        return self.x[i], self.y[i]
+
     def close(self) -> None:
         "Drop the tensors and remove the file (if any)."
         self.x = self.y = None
@@ -188,10 +195,10 @@ def cached_warmup(learn: Learner, epochs: int, lr: float = 2e-3, memory_budget: 
         try:
             feat_secs = time.perf_counter() - t0
             bs = getattr(learn.dls.train, "bs", 64)
-            dls = DataLoaders(DataLoader(list(zip(train.x, train.y)), bs=bs,
+            dls = DataLoaders(DataLoader(train, bs=bs,
                                          shuffle=getattr(learn.dls.train, "shuffle", True),
                                          drop_last=getattr(learn.dls.train, "drop_last", False)),
-                              DataLoader(list(zip(valid.x, valid.y)), bs=getattr(learn.dls.valid, "bs", bs)),
+                              DataLoader(valid, bs=getattr(learn.dls.valid, "bs", bs)),
                               device=getattr(learn.dls, "device", None))
             head_learn = Learner(dls, head, loss_func=learn.loss_func, opt_func=learn.opt_func,
                                  metrics=learn.metrics, wd=learn.wd, moms=learn.moms, train_bn=learn.train_bn)

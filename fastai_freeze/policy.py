@@ -139,7 +139,7 @@ def choose_bn_policy(probe: StatisticsProbe, freeze_bn: bool | None = None,
 
     Batch statistics (`train`) are not chosen: on every benchmark row where the new data's
     statistics win, re-estimating them once over the training set did better than normalising with
-    each batch's (benchmarks/results/transfer.md).
+    each batch's (benchmarks/results/transfer_pattern.md, transfer_real.md).
     """
     how = (f"LogME of the body's features {probe.logme_pretrained:.3f} with the pretrained statistics, "
            f"{probe.logme_new:.3f} with the new data's (over {probe.samples} training images)")

@@ -516,3 +516,47 @@ def test_a_second_fine_tune_with_on_a_folded_learner_says_no_bn_is_left(make_lea
     learn.fine_tune_with(1, bn="fold")
     rec = learn.fine_tune_with(1)
     assert "no BatchNorm layer with statistics" in rec.bn.reason and "already folded" in rec.bn.reason
+
+
+# ------------------------------------------------------------------ however a fit ends -----------
+class CtrlC(Callback):
+    "A KeyboardInterrupt at the second training batch, raised where fastai runs no event after it."
+    order = 100
+
+    def before_batch(self):
+        if self.training and self.iter == 1:
+            raise KeyboardInterrupt("injected")
+
+
+def test_dropin_callbacks_give_everything_back_after_ctrl_c(make_learner):
+    from fastai_freeze import FrozenPrefix
+    learn = make_learner(bs=16)
+    learn.freeze_body(freeze_bn=True)
+    flags = {p: p.requires_grad for p in learn.model.parameters()}
+    policy, prefix = BNPolicyCallback("frozen"), FrozenPrefix()
+    with pytest.raises(KeyboardInterrupt):
+        learn.fit_one_cycle(2, 1e-3, cbs=[policy, prefix, CtrlC()])
+    assert prefix.mode == "inference copy"  # it was active when the interrupt came
+    assert_clean(learn)
+    assert {p: p.requires_grad for p in learn.model.parameters()} == flags
+
+
+def test_a_policy_kept_on_the_learner_sets_up_anew_after_an_interrupted_fit(make_learner):
+    learn = make_learner(bs=16)
+    learn.apply_bn_policy("frozen")
+    flags = {p: p.requires_grad for p in learn.model.parameters()}
+    with pytest.raises(KeyboardInterrupt):
+        learn.fit_one_cycle(1, 1e-3, cbs=CtrlC())  # the Learner's policy callback gets no after_fit
+    seen = []
+
+    class Modes(Callback):
+        order = 99
+
+        def before_batch(self):
+            if self.training:
+                seen.append({m.training for _, m in bn_layers(self.learn.model[0])})
+    learn.fit_one_cycle(1, 1e-3, cbs=Modes())
+    assert seen and all(s == {False} for s in seen)  # the policy still holds: eval-mode BN in training
+    assert {p: p.requires_grad for p in learn.model.parameters()} == flags  # and the first fit's flags came back
+    mode = learn.model.training
+    assert {m.training for m in learn.model.modules()} == {mode}

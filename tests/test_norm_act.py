@@ -201,3 +201,35 @@ def test_registered_subclass_is_handled_with_its_post_modules():
     fold_bn(folded)
     torch.testing.assert_close(folded(x), ref)
     torch.testing.assert_close(fuse_conv_bn(model)[0](x), ref)
+
+
+@pytest.mark.parametrize("policy", ["train", "frozen", "fold", "adapt", "auto"])
+def test_vision_learner_with_a_timm_name_end_to_end(target_data, tmp_path, policy):
+    "timm name through fastai's vision_learner, fine_tune_with under each policy, export, load_learner."
+    from fastai.learner import load_learner
+    from fastai.vision.learner import vision_learner
+
+    from fastai_freeze.demo.data import tensor_dls
+    xt, yt, xv, yv = (t.clone() for t in target_data)
+    dls = tensor_dls(xt, yt, xv, yv, bs=16)
+    torch.manual_seed(0)
+    learn = vision_learner(dls, "tf_efficientnet_lite0", pretrained=False, n_out=4)
+    randomize(learn.model[0]).train()
+    n_body_bn = len(bn_layers(learn.model[0]))
+    with learn.no_bar(), learn.no_logging():
+        rec = learn.fine_tune_with(1, bn=policy)
+    body_bn = bn_layers(learn.model[0])
+    assert len(body_bn) == n_body_bn == 49
+    folded = rec.bn.policy.value in ("fold", "adapt")
+    assert all(isinstance(m, BNAffine) == folded for _, m in body_bn)
+    if folded:  # the activation of each norm-act layer is kept by its folded layer
+        assert sum(isinstance(getattr(m, "act", None), nn.ReLU6) for _, m in body_bn) == 33
+    assert all(p.requires_grad for p in learn.model.parameters())
+    learn.export(tmp_path / "export.pkl")
+    loaded = load_learner(tmp_path / "export.pkl")
+    with loaded.no_bar():
+        preds, _ = loaded.get_preds(dl=learn.dls.valid)
+    with learn.no_bar():
+        expected, _ = learn.get_preds(dl=learn.dls.valid)
+    assert torch.isfinite(expected).all()
+    torch.testing.assert_close(preds, expected)
