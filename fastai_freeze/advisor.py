@@ -30,6 +30,7 @@ from torch import nn
 
 from .core.logme import logme, pooled_features
 from .core.state import kept_random_state
+from .internals import in_order
 from .policy import BNDecision, decide_bn_policy
 from .record import FineTuneRecord
 from .strategies import run_named_strategy
@@ -122,7 +123,7 @@ def suggest_strategy(self: Learner, max_samples: int = 2000) -> Advice:
     if not (isinstance(m, nn.Sequential) and len(m) == 2):
         raise ValueError("suggest_strategy needs a model Sequential(body, head), as vision_learner builds")
     with kept_random_state():  # a new DataLoader draws its seed from the global generator
-        dl = self.dls.train.new(shuffle=False, drop_last=False, bs=64)
+        dl = in_order(self.dls.train, 64)
         f_pre, y = pooled_features(m[0], dl, max_samples)
         f_rnd, _ = pooled_features(_random_twin(m[0]), dl, max_samples)
     lm_pre, lm_rnd = logme(f_pre, y), logme(f_rnd, y)

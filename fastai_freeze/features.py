@@ -23,6 +23,7 @@ from torch import nn
 
 from .core.fuse import inference_model
 from .core.state import kept_modes, kept_random_state
+from .internals import in_order
 
 __all__ = ["random_transforms", "check_cacheable", "FeatureCache", "compute_features", "cached_warmup", "CachedWarmup"]
 
@@ -108,7 +109,7 @@ def compute_features(body: nn.Module, dl, memory_budget: int = 1 << 30, tmp_dir:
     memory-mapped file in a new temporary folder (under `tmp_dir`), removed by `FeatureCache.close()`.
     The body's training flags are restored afterwards.
     """
-    dl = dl.new(shuffle=False, drop_last=False) if hasattr(dl, "new") else dl
+    dl = in_order(dl)
     n = len(dl.dataset)
     cache, folder, i = None, None, 0
     try:

@@ -7,6 +7,7 @@ The snapshot itself does not depend on those lists: it keeps every attribute the
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,7 +23,9 @@ from .core.state import random_state, set_random_state
 
 __all__ = ["LEARNER_ATTRS", "RECORDER_ATTRS", "learner_attributes", "LearnerSnapshot", "learner_snapshot",
            "restore_learner", "FitScopedCallback", "paused_callbacks", "belongs_to_fit", "unwrap_distributed_dls", "distributed_trainer_class",
-           "ResumedSchedule", "scheduler_of", "group_lrs"]
+           "ResumedSchedule", "scheduler_of", "group_lrs", "probe_callbacks", "shielded_callbacks",
+           "set_schedule_position", "in_order", "follow_norm_rules",
+           "one_process_view"]
 
 LEARNER_ATTRS = frozenset({
     "_metrics", "cbs", "create_mbar", "default_cbs", "dl", "dls", "epoch", "final_record",
@@ -171,6 +174,98 @@ def belongs_to_fit(cb) -> bool:
     dt = distributed_trainer_class()
     return (isinstance(cb, (ParamScheduler, ProgressCallback)) or getattr(cb, "_pause_in_probe", False)
             or (dt is not None and isinstance(cb, dt)))
+
+
+_LOGGER_MODULES = ("fastai.callback.wandb", "fastai.callback.tensorboard", "fastai.callback.comet",
+                   "fastai.callback.azureml", "fastai.callback.neptune", "fastai.callback.captum")
+
+
+def _not_for_probes(cb) -> bool:
+    "Trackers (and savers: `SaveModelCallback` is one), loggers, progress output, schedules."
+    from fastai.callback.progress import CSVLogger, ShowGraphCallback
+    from fastai.callback.tracker import TrackerCallback
+    return (belongs_to_fit(cb) or isinstance(cb, (TrackerCallback, CSVLogger, ShowGraphCallback))
+            or type(cb).__module__ in _LOGGER_MODULES)
+
+
+def probe_callbacks(learn: Learner) -> tuple[list, list]:
+    """The Learner's callbacks split for a probe's own fit: `(paused, kept)`.
+
+    Paused (they do not see the probe): what belongs to the fit in progress (`belongs_to_fit`),
+    trackers and savers, loggers, progress output. Kept: everything that may take part in computing
+    a training step (fastai's `TrainEvalCallback`, `Recorder`, `MixedPrecision`, `GradientClip`,
+    `GradientAccumulation`, `BnFreeze`, `ChannelsLast`, `MixUp`, this library's BN policy, a user's
+    own callback; see `shielded_callbacks`). A user's callback that should not run during a probe
+    checks `hasattr(self, 'lr_finder')`, as it does for fastai's `lr_find`.
+    """
+    paused = [cb for cb in learn.cbs if _not_for_probes(cb)]
+    return paused, [cb for cb in learn.cbs if cb not in paused]
+
+
+@contextmanager
+def shielded_callbacks(learn: Learner, paused: list, kept: list) -> Iterator[None]:
+    """Inside, `paused` are off the Learner (`paused_callbacks`); on exit, each of `kept` that is
+    fastai's or this library's has its attributes back as they were (a nested fit's `before_fit` and
+    `after_fit` replace them: fastai's `MixedPrecision` drops its autocast context). A user's own
+    callback sees the probe as it sees fastai's `lr_find`, and keeps what it did then: it may hold
+    things (a hook, a file) that only it knows how to give back."""
+    saved = [(cb, dict(cb.__dict__)) for cb in kept if type(cb).__module__.split(".")[0] in ("fastai", "fastai_freeze")]
+    try:
+        with paused_callbacks(learn, paused):
+            yield
+    finally:
+        for cb, d in saved:
+            cb.__dict__.clear()
+            cb.__dict__.update(d)
+
+
+def in_order(dl, bs: int | None = None):
+    """`dl`'s data in a fixed order, nothing dropped, at batch size `bs` (None: the loader's): fastai's
+    `DataLoader.new`, or, for a plain PyTorch `DataLoader` (fastai's pure-PyTorch path), a new one on
+    the same dataset and collate function, without worker processes."""
+    if hasattr(dl, "new"):
+        return dl.new(shuffle=False, drop_last=False, **({"bs": bs} if bs else {}))
+    from torch.utils.data import DataLoader
+    if not isinstance(dl, DataLoader):
+        raise TypeError(f"expected a fastai or PyTorch DataLoader, got {type(dl).__name__}")
+    return DataLoader(dl.dataset, batch_size=bs or dl.batch_size or 64, shuffle=False, drop_last=False,
+                      collate_fn=dl.collate_fn, num_workers=0)
+
+
+def follow_norm_rules(learn: Learner, params, trainable: bool) -> None:
+    """Give `params` (a folded BN's affine parameters: `BNAffine` is not one of fastai's `norm_types`)
+    fastai's rules for norm layers in the optimizer state `Learner.create_opt` sets: `force_train`
+    (kept trainable by fastai's `freeze()`) when `learn.train_bn` and `trainable`, and no weight decay
+    unless `learn.wd_bn_bias`."""
+    state = getattr(learn.opt, "state", None)
+    if state is None:
+        return
+    for p in params:
+        st = state[p]
+        st["force_train"] = bool(learn.train_bn and trainable)
+        if not learn.wd_bn_bias:
+            st["do_wd"] = False
+
+
+@contextmanager
+def one_process_view() -> Iterator[None]:
+    """Inside, fastai sees a single process (its `num_distrib()` reads `WORLD_SIZE`): the Recorder's loss
+    and the metrics are not gathered across processes, so a process can fit on its own (a probe) without
+    waiting for the others in a collective they never join."""
+    old = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("WORLD_SIZE", None)
+        else:
+            os.environ["WORLD_SIZE"] = old
+
+
+def set_schedule_position(sched: ParamScheduler, pos: float) -> None:
+    "Set a `ParamScheduler`'s hyper-parameters to their values at `pos` in [0, 1] of its schedule."
+    sched._update_val(pos)
 
 
 def unwrap_distributed_dls(learn: Learner) -> list:

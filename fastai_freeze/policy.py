@@ -37,12 +37,19 @@ from fastai.learner import Learner
 from fastcore.basics import patch
 from torch import nn
 
-from .core.bn import fold_bn, recalibrate_bn
+from .core.bn import BNAffine, fold_bn, recalibrate_bn
 from .core.logme import StatisticsProbe, probe_bn_statistics
 from .core.state import kept_random_state
 from .distrib import broadcast_module_state, broadcast_object, unwrap_model
-from .freeze import body_bn_layers, head_bn_layers, rebuild_optimizer, set_frozen_bn_trainable
-from .internals import FitScopedCallback
+from .freeze import (
+    _groups,
+    body_bn_layers,
+    check_splittable,
+    head_bn_layers,
+    rebuild_optimizer,
+    set_frozen_bn_trainable,
+)
+from .internals import FitScopedCallback, follow_norm_rules, in_order
 
 __all__ = ["BNPolicy", "BNDecision", "check_freeze_bn", "choose_bn_policy", "decide_bn_policy",
            "apply_bn_decision", "check_batch_size", "BNPolicyKeeper", "BNPolicyCallback", "PROBE_SAMPLES", "MIN_BN_BATCH"]
@@ -152,7 +159,8 @@ def choose_bn_policy(probe: StatisticsProbe, freeze_bn: bool | None = None,
 
 
 def _head_params(learn: Learner) -> list[nn.Parameter]:
-    return list(learn.opt.param_lists[-1]) if learn.opt is not None else list(learn.splitter(learn.model))[-1]
+    "The head group's parameters (the optimizer's last group; a flat splitter's output is one group)."
+    return list(learn.opt.param_lists[-1]) if learn.opt is not None else _groups(learn.splitter(learn.model))[-1]
 
 
 def _body(learn: Learner) -> nn.Module | None:
@@ -193,7 +201,7 @@ def decide_bn_policy(learn: Learner, policy: str | BNPolicy = "auto", freeze_bn:
                           "the pretrained statistics are kept", bs, body_bn_layers=len(body_bns),
                           seconds=time.perf_counter() - t0)
     with kept_random_state():  # a new DataLoader draws its seed from the global generator
-        dl = learn.dls.train.new(shuffle=False, drop_last=False, bs=64)
+        dl = in_order(learn.dls.train, 64)
         probe = broadcast_object(probe_bn_statistics(body, dl, samples))  # distributed: rank 0's for all
     decision = choose_bn_policy(probe, freeze_bn, bs)
     decision.body_bn_layers, decision.seconds = len(body_bns), time.perf_counter() - t0
@@ -223,7 +231,7 @@ def apply_bn_decision(learn: Learner, decision: BNDecision, max_batches: int | N
     estimate = (body if decision.policy is BNPolicy.ADAPT else []) + head
     if estimate:  # one pass: the head's statistics are those of the body's features as they will be
         with kept_random_state():
-            dl = learn.dls.train.new(shuffle=False, drop_last=False, bs=max(bs or 64, 64))
+            dl = in_order(learn.dls.train, max(bs or 64, 64))
             rep = recalibrate_bn(model, dl, max_batches=max_batches, layers=estimate)
         broadcast_module_state(model)  # distributed: rank 0's statistics everywhere
         done.append(str(rep))
@@ -236,11 +244,18 @@ def apply_bn_decision(learn: Learner, decision: BNDecision, max_batches: int | N
         done.append(f"to load weights saved from this model into a new Learner, apply the same policy to it first "
                     f"(learn.apply_bn_policy('{decision.policy.value}')), or use learn.export / load_learner")
         rebuild_optimizer(learn)
+        _folded_follow_norm_rules(learn, decision)
     if decision.policy in (BNPolicy.FOLD, BNPolicy.ADAPT):
         # folded layers of the frozen groups: their affine params train in the warm-up unless freeze_bn
         set_frozen_bn_trainable(learn, not decision.freeze_bn)
     decision.apply_seconds += time.perf_counter() - t0
     return "; ".join(done) or "no module changed"
+
+
+def _folded_follow_norm_rules(learn: Learner, decision: BNDecision) -> None:
+    "The folded layers' parameters get fastai's rules for norm layers (`follow_norm_rules`)."
+    params = [p for m in unwrap_model(learn.model).modules() if isinstance(m, BNAffine) for p in m.parameters(recurse=False)]
+    follow_norm_rules(learn, params, trainable=not decision.freeze_bn)
 
 
 class BNPolicyKeeper:
@@ -270,6 +285,7 @@ class BNPolicyKeeper:
 
     def setup(self) -> None:
         self.resolve()
+        _folded_follow_norm_rules(self.learn, self.decision)  # the optimizer may have been created anew
         self._eval_layers, self._grad_flags = [], {}
         if self.decision.policy is BNPolicy.FROZEN:
             # BN params of the frozen groups stay frozen whatever `train_bn` made of them
@@ -370,10 +386,20 @@ def apply_bn_policy(self: Learner, policy: str | BNPolicy = "auto", freeze_bn: b
                     recalibration_batches: int | None = 200) -> BNDecision:
     """Set a BN policy on this Learner for every later fit, and apply its model change now.
 
-    Replaces an earlier policy callback. Returns the decision (policy, reason, measurements).
+    Replaces an earlier policy callback. Returns the decision (policy, reason, measurements). A
+    refused call (bad arguments, a Learner with one parameter group: no body apart from the head)
+    leaves the Learner as it was, its earlier policy included.
     """
     cb = BNPolicyCallback(policy, freeze_bn, recalibration_batches)
-    for old in [c for c in self.cbs if isinstance(c, BNPolicyCallback)]:
-        self.remove_cb(old)
+    if cb.policy is not BNPolicy.TRAIN:
+        check_splittable(self)
+    check_batch_size(self, cb.policy)
+    old = [c for c in self.cbs if isinstance(c, BNPolicyCallback)]
+    self.remove_cbs(old)
     self.add_cb(cb)
-    return cb.resolve()
+    try:
+        return cb.resolve()
+    except BaseException:
+        self.remove_cb(cb)
+        self.add_cbs(old)
+        raise
