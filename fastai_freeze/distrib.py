@@ -48,12 +48,17 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def local_fit_state(learn) -> Iterator[None]:
     """Inside, the Learner fits on its own: the model unwrapped from DDP and the DataLoaders unwrapped
     from fastai's `DistributedDL` (whose index broadcast would make every rank wait for the others),
-    so a probe can run on each process independently. Both are put back afterwards."""
-    from .internals import unwrap_distributed_dls
+    and fastai seeing one process (`one_process_view`: no loss gathered across processes), so a probe can
+    run on each process independently, for as many steps as its own curve needs. All three are put back afterwards."""
+    from .internals import one_process_view, unwrap_distributed_dls
     model, dls = learn.model, list(learn.dls.loaders)
     learn.model = unwrap_model(model)
     learn.dls.loaders = unwrap_distributed_dls(learn)
     try:
-        yield
+        if is_distributed():  # fastai's Recorder would gather each batch's loss from every process
+            with one_process_view():
+                yield
+        else:
+            yield
     finally:
         learn.model, learn.dls.loaders = model, dls

@@ -1,24 +1,35 @@
-"""The learning-rate range test: fastai's `lr_find` on the model as it is, leaving nothing changed.
+"""The learning-rate range test: a sweep on the model as it is, leaving nothing changed.
 
-Two curves, one sweep:
+**The sweep** trains one batch per rate, the rates rising geometrically from `start_lr` to `end_lr`
+(fastai's `LRFinder` schedule), and records each batch's loss. Every batch is new: the sweep is
+sized to fit in one pass over the training set (`num_it=None`: 4 rates per decade from 1e-5 to 1,
+21 in all, at most one per batch), because a sweep that sees the same images again shows the loss falling whatever the
+rate. From `min_batches` (20) batches per epoch up it always runs; below, fastai's rule is used
+(`fallback_lr`), or, with `RangeTest(small_data='held-out')`, a curve of the loss on a fixed batch of
+validation images the sweep never trains on.
 
-- **training loss** (fastai's `lr_find`): the smoothed loss of the batches trained on. Valid while
-  every batch is new: a sweep that goes over the training set again shows the loss falling because
-  the same images come back, whatever the rate.
-- **held-out loss**, for training sets too small for that (`RangeTest(small_data='held-out')`):
-  after each step, the loss on a fixed batch of validation images the sweep never trains on (eval
-  mode), so images that come back cannot make the curve look better than the rate is. One extra
-  forward pass of `held_out` images per iteration.
-
-By default a training set too small for a training-loss curve gets fastai's own rule instead
-(`fallback_lr`, with a warning): on the benchmark's small data sets the held-out curve's rates were
-no better than that rule (benchmarks/results/transfer_real.md) and the sweep cost more than the
-training it chose the rate for.
+**The suggestion** (`suggest='edge'`, the default) reads the curve the way the fastai book tells a
+person to: find the sharp increase, and take a point well before it. The curve is the *step ratio*:
+each step's loss on its own batch after the step over before it (the same forward pass, the same
+dropout masks), which does not depend on which images a batch holds and so is usable on small data.
+The *edge* is the rate at which a step is most effective (the minimum of the 3-point running mean of
+the log-ratio, ratios below `floor` = 0.05 counted as 0.05: a step that removes 95% of its batch's
+loss is as effective as a step usefully gets, below that the ratio measures how well one small batch
+is memorised); beyond it the curve turns up towards the rate at which a step makes things worse.
+The suggestion is `edge / 5` (the divisor with the smallest worst-case gap to the best of a grid of
+fixed rates on the benchmark's Fashion-MNIST rows, `benchmarks/ladder.py`). fastai's `valley`, `slide`, `steep` and `minimum` remain available by
+name; they get fastai's curve (its smoothed loss, the first tenth and the last five points cut).
 
 With `lr_mult`, the sweep moves every group's rate together, at the ratios of the discriminative
 slice `slice(lr / lr_mult, lr)` the result will be used with, and the suggestion is the top (head
 group) rate: fastai's `lr_find` instead sets one rate for every group, which measures what the body
 tolerates at the head's rate.
+
+While the sweep runs, the callbacks on the Learner that do not take part in computing a training
+step (schedulers, trackers, savers, loggers, progress bars, a user's own) are paused; those that do
+(mixed precision, gradient clipping or accumulation, BN freezing, channels-last) run, and their state
+is given back afterwards, as is every Learner attribute, the weights, the optimizer and the random
+states (`learner_snapshot`).
 """
 from __future__ import annotations
 
@@ -37,17 +48,65 @@ from fastai.torch_core import even_mults
 
 from .core.state import kept_modes, kept_random_state
 from .distrib import broadcast_object, local_fit_state
-from .internals import belongs_to_fit, learner_snapshot, paused_callbacks, restore_learner
+from .internals import (
+    in_order,
+    learner_snapshot,
+    probe_callbacks,
+    restore_learner,
+    set_schedule_position,
+    shielded_callbacks,
+)
 from .record import RangeTestResult
 
-__all__ = ["SUGGESTERS", "RangeTest", "range_test", "held_out_batch", "DEFAULT_FALLBACK_LR"]
+__all__ = ["SUGGESTERS", "RangeTest", "range_test", "held_out_batch", "edge", "DEFAULT_FALLBACK_LR"]
 
 DEFAULT_FALLBACK_LR = 1e-3
 """The rate a range test returns, with a warning, when it has no usable curve and no `fallback_lr`
 is given: fastai's `fine_tune` rule for the unfrozen phase, `base_lr / 2` with `base_lr = 2e-3`."""
 
-SUGGESTERS: dict[str, Callable] = {"valley": valley, "steep": steep, "minimum": minimum, "slide": slide}
-"fastai's suggestion functions (`SuggestionMethod`), by name."
+
+def _cuda_used() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def _running_mean(y: np.ndarray, width: int = 3) -> np.ndarray:
+    "Centred running mean (shorter windows at the ends), so a single noisy batch does not make an edge."
+    h = width // 2
+    return np.array([y[max(0, i - h):i + h + 1].mean() for i in range(len(y))])
+
+
+def edge(lrs, ratios, num_it=None, divisor: float = 5.0, floor: float = 0.05):
+    """"A point well before the sharp increase", read off the step-ratio curve: `edge / divisor`.
+
+    `ratios[i]` is the loss of the batch of step `i` after that step over its loss before it (same
+    forward pass, same dropout masks): below 1 the step helped its own batch, at the stability limit
+    it is 1 or more. Unlike the training-loss curve, it does not depend on which images the batch
+    holds, so it is usable with 20 steps of 8 images. The *edge* is the rate at which one step is
+    most effective (the minimum of the log-ratio, 3-point running mean, ratios under `floor` counted
+    as `floor`, so that the first rate of a floor of memorised batches is the edge, not its noisiest
+    point): beyond it the curve turns up sharply, towards the rate at which a step makes things worse. Returns
+    `(edge / divisor, (edge, ratio at the edge))`, like fastai's suggestion functions.
+    """
+    lrs, r = np.asarray(lrs, dtype=float), np.asarray(ratios, dtype=float)
+    if len(r) < 5:
+        raise ValueError(f"a curve of {len(r)} points is too short to find an edge")
+    if not 0 < floor < 1:
+        raise ValueError(f"floor must be a ratio in (0, 1), got {floor!r}")
+    s = _running_mean(np.log(np.clip(r, floor, None)))
+    i = int(np.argmin(s))
+    if i == 0:
+        raise ValueError(f"the steps do worse from the first rate on (edge at {lrs[0]:.2g}): start_lr is too high")
+    if s[i] >= 0:
+        raise ValueError("no step made its own batch's loss smaller: the curve has no edge")
+    return float(lrs[i] / divisor), (float(lrs[i]), float(r[i]))
+
+
+edge.uses_step_ratio = True
+
+SUGGESTERS: dict[str, Callable] = {"edge": edge, "valley": valley, "steep": steep, "minimum": minimum,
+                                   "slide": slide}
+"""The suggestion functions, by name: `edge` (this library's default) and fastai's (`SuggestionMethod`).
+A function with `uses_raw_curve = True` gets the whole raw curve, the others fastai's curve."""
 
 
 def _suggester(suggest: str | Callable) -> tuple[str, Callable]:
@@ -56,29 +115,37 @@ def _suggester(suggest: str | Callable) -> tuple[str, Callable]:
     key = str(suggest).lower()
     if key not in SUGGESTERS:
         raise ValueError(f"unknown suggestion method {suggest!r}: use one of {sorted(SUGGESTERS)} "
-                         f"(fastai's SuggestionMethod) or a callable f(lrs, losses, num_it) -> (lr, point)")
+                         f"or a callable f(lrs, losses, num_it) -> (lr, point)")
     return key, SUGGESTERS[key]
 
 
 @dataclass(frozen=True)
 class RangeTest:
-    """How a range test runs. The defaults are fastai's `lr_find` for the training-loss curve.
+    """How a range test runs.
 
-    - `suggest`: the suggestion function for the training-loss curve; `held_out_suggest` for the
-      held-out curve ('valley', 'steep', 'minimum', 'slide' or a callable `f(lrs, losses, num_it)`).
-    - `num_it` iterations from `start_lr` to `end_lr` on the training-loss curve, which is used
-      while they fit in `max_passes` passes over the training set (`None`: always).
-    - Otherwise `small_data` says what happens: 'fastai' (the fallback rate, fastai's rule) or
-      'held-out' (the held-out curve: `held_out_it` iterations, the loss measured on `held_out`
-      validation images).
-    - `stop_div`: stop once the (smoothed) loss exceeds 4x its best, as fastai does.
+    - `suggest`: 'edge' (default), or fastai's 'valley', 'steep', 'minimum', 'slide', or a callable
+      `f(lrs, losses, num_it) -> (lr, point)`; `held_out_suggest` for the held-out curve.
+    - The sweep: `num_it` rates from `start_lr` to `end_lr`. `num_it=None` sizes it to the data:
+      `per_decade` rates per decade, at most one per batch of one pass (`max_passes` passes).
+    - `min_batches`: below this many training batches per epoch there is too little new data for a
+      curve, and `small_data` says what happens: 'fastai' (the fallback rate, fastai's rule) or
+      'held-out' (`held_out_it` iterations, the loss measured on `held_out` validation images).
+      An explicit `num_it` that does not fit in `max_passes` passes is treated the same way
+      (`max_passes=None`: always run, whatever it measures).
+    - `stop_div`: stop once the loss diverges (after the first tenth): for 'edge', once the mean of the
+      last 3 batch losses is twice its best (the edge is behind by then); for fastai's suggestions,
+      once the smoothed loss is 4x its best, as fastai does.
+
+    fastai's own `lr_find` is `RangeTest(suggest='valley', start_lr=1e-7, end_lr=10, num_it=100)`.
     """
-    suggest: str | Callable = "valley"
-    held_out_suggest: str | Callable = "steep"
-    start_lr: float = 1e-7
-    end_lr: float = 10.0
-    num_it: int = 100
+    suggest: str | Callable = "edge"
+    held_out_suggest: str | Callable = "edge"
+    start_lr: float = 1e-5
+    end_lr: float = 1.0
+    num_it: int | None = None
+    per_decade: float = 4.0
     max_passes: float | None = 1.0
+    min_batches: int = 20
     small_data: str = "fastai"
     held_out: int = 64
     held_out_it: int = 30
@@ -89,16 +156,30 @@ class RangeTest:
         _suggester(self.held_out_suggest)
         if not (0 < self.start_lr < self.end_lr) or not math.isfinite(self.end_lr):
             raise ValueError(f"need 0 < start_lr < end_lr (finite), got {self.start_lr} and {self.end_lr}")
-        for name in ("num_it", "held_out_it"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 20:
-                raise ValueError(f"{name}={getattr(self, name)!r}: a range test needs at least 20 iterations "
-                                 "for a usable curve")
+        for name in ("num_it", "held_out_it", "min_batches"):
+            v = getattr(self, name)
+            if not (v is None and name == "num_it") and (not isinstance(v, int) or isinstance(v, bool) or v < 20):
+                raise ValueError(f"{name}={v!r}: a range test needs at least 20 iterations for a usable curve")
+        if not (isinstance(self.per_decade, (int, float)) and math.isfinite(self.per_decade) and self.per_decade > 0):
+            raise ValueError(f"per_decade must be a number of rates > 0, got {self.per_decade!r}")
         if self.max_passes is not None and not self.max_passes > 0:
             raise ValueError(f"max_passes must be > 0 or None, got {self.max_passes}")
         if not isinstance(self.held_out, int) or self.held_out < 1:
             raise ValueError(f"held_out must be a sample count >= 1, got {self.held_out!r}")
         if self.small_data not in ("fastai", "held-out"):
             raise ValueError(f"small_data must be 'fastai' or 'held-out', got {self.small_data!r}")
+
+    def iterations(self, n_batches: int) -> int | None:
+        """How many rates the training-loss sweep uses on `n_batches` batches per epoch, or None when the
+        training set is too small for one (below `min_batches`, or `num_it` does not fit)."""
+        if self.num_it is not None:
+            fits = self.max_passes is None or self.num_it <= self.max_passes * n_batches
+            return self.num_it if fits else None
+        if n_batches < self.min_batches:
+            return None
+        wanted = math.ceil(self.per_decade * math.log10(self.end_lr / self.start_lr)) + 1
+        room = n_batches if self.max_passes is None else int(self.max_passes * n_batches)
+        return max(min(wanted, room), self.min_batches) if room >= self.min_batches else None
 
 
 def held_out_batch(learn: Learner, n: int):
@@ -107,7 +188,7 @@ def held_out_batch(learn: Learner, n: int):
     if dl is None or not len(dl.dataset):
         return None
     xs, ys, got = [], [], 0
-    for b in dl.new(shuffle=False, bs=min(n, 256)):
+    for b in in_order(dl, min(n, 256)):
         xs.append(b[0])
         ys.append(b[1])
         got += len(b[0])
@@ -117,19 +198,23 @@ def held_out_batch(learn: Learner, n: int):
 
 
 class _Sweep(ParamScheduler):
-    """fastai's `LRFinder` schedule (exponential rates, per group when given arrays), measuring either
-    the training loss or the loss on a held-out batch after each step.
+    """fastai's `LRFinder` schedule (exponential rates, per group when given arrays), recording after
+    each step the batch's raw loss and fastai's smoothed loss, or the loss on a held-out batch.
 
-    Differences from `LRFinder`: the divergence check starts after the first `skip` iterations (the
-    part of the curve the suggestion discards: a warmed-up head on small batches can show a near-zero
-    loss on one batch and a normal one on the next); no file is saved (`range_test` restores from
-    memory); named `lr_finder`, so that callbacks that stay out of `lr_find` stay out of this too.
+    Differences from `LRFinder`: the divergence check starts after the first `skip` iterations (a
+    warmed-up head on small batches can show a near-zero loss on one batch and a normal one on the
+    next); no file is saved (`range_test` restores from memory); named `lr_finder`, so that callbacks
+    that stay out of `lr_find` stay out of this too.
     """
 
-    def __init__(self, start, end, num_it: int, stop_div: bool, skip: int, held_out=None):
+    def __init__(self, start, end, num_it: int, stop_div: bool, skip: int, held_out=None, paired: bool = False):
         super().__init__({"lr": SchedExp(start, end)})
         self.num_it, self.stop_div, self.skip, self.held_out = num_it, stop_div, skip, held_out
-        self.curve: list[float] = []
+        self.paired = paired and held_out is None
+        self.ratio: list[float] = []
+        self.lrs: list[float] = []
+        self.raw: list[float] = []
+        self.smooth: list[float] = []
 
     @property
     def name(self):
@@ -140,24 +225,51 @@ class _Sweep(ParamScheduler):
         self.best = float("inf")
 
     def before_batch(self):
-        self._update_val(self.train_iter / self.num_it)
+        set_schedule_position(self, self.train_iter / self.num_it)
+        if self.paired:  # the after-step forward pass draws the same dropout masks as the step's own
+            self._rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if _cuda_used() else None)
 
     def after_batch(self):
         super().after_batch()
-        if self.held_out is None:
-            value = float(self.smooth_loss)
-        else:
+        if self.held_out is not None:
             x, y = self.held_out
             with torch.no_grad(), kept_modes(self.learn.model):
                 self.learn.model.eval()
-                value = float(self.learn.loss_func(self.learn.model(x), y))
-        self.curve.append(value)
+                raw = value = float(self.learn.loss_func(self.learn.model(x), y))
+        else:
+            raw, value = float(self.learn.loss.detach()), float(self.smooth_loss)
+        self.lrs.append(float(self.opt.hypers[-1]["lr"]))
+        self.raw.append(raw)
+        self.smooth.append(value)
+        if self.paired:
+            self.ratio.append(self._loss_after_step() / raw if raw > 0 else float("nan"))
+        # the edge needs the curve only a little past its edge: stop once a step doubles its own batch's
+        # loss (3-step mean); fastai's suggestions get fastai's rule (4x the best smoothed loss)
+        track, limit = ((float(np.mean(self.ratio[-3:])), 2.0) if self.paired else (value, 4 * self.best))
         if self.train_iter > self.skip:
             self.best = min(self.best, value)
-            if self.stop_div and (value > 4 * self.best or not math.isfinite(value)):
+            if self.stop_div and (track > limit or not math.isfinite(track)):
                 raise CancelFitException()
         if self.train_iter >= self.num_it:
             raise CancelFitException()
+
+    def _loss_after_step(self) -> float:
+        """The loss of the batch just trained on, after the step: the same forward pass as the step's
+        (same modes, same dropout masks), with BN running statistics left as they are (momentum 0)."""
+        bns = [m for m in self.learn.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in bns]
+        try:
+            for m in bns:
+                m.momentum = 0.0
+            cpu, cuda = self._rng
+            with torch.no_grad(), torch.random.fork_rng(devices=range(len(cuda)) if cuda else []):
+                torch.set_rng_state(cpu)
+                if cuda:
+                    torch.cuda.set_rng_state_all(cuda)
+                return float(self.learn.loss_func(self.learn.model(*self.learn.xb), *self.learn.yb))
+        finally:
+            for m, mom in zip(bns, momenta):
+                m.momentum = mom
 
     def before_validate(self):
         raise CancelValidException()
@@ -166,57 +278,42 @@ class _Sweep(ParamScheduler):
         self.learn.opt.zero_grad()
 
 
-def _fallback(name, reason, fallback_lr, seconds, curve="") -> RangeTestResult:
-    warnings.warn(f"range test unusable: {reason}; falling back to lr={fallback_lr:g}", stacklevel=3)
-    return RangeTestResult([], [], name, float(fallback_lr), None, True, reason, [], [], seconds, curve)
+def _result(method: str, lr: float, *, fell_back: bool = False, reason: str = "", curve: str = "",
+            seconds: float = 0.0, point=None, lrs=(), losses=(), full_lrs=(), full_losses=()) -> RangeTestResult:
+    return RangeTestResult(list(lrs), list(losses), method, float(lr), point, fell_back, reason, list(full_lrs),
+                           list(full_losses), seconds, curve)
 
 
-def range_test(learn: Learner, config: RangeTest = RangeTest(), lr_mult: float | None = None,
-               fallback_lr: float = DEFAULT_FALLBACK_LR) -> RangeTestResult:
-    """Run a range test on the Learner as it is now (frozen or not); everything is restored after.
+def _fallback(name: str, reason: str, fallback_lr: float, **kw) -> RangeTestResult:
+    "The fallback result; the warning and the record give the same reason."
+    warnings.warn(f"range test not used: {reason}; fastai's rule instead, lr={fallback_lr:g}", stacklevel=3)
+    return _result(name, fallback_lr, fell_back=True, reason=reason, **kw)
 
-    Weights, BN statistics, optimizer state, `requires_grad`, module modes, every Learner attribute,
-    the Recorder's history and the random states are put back bit for bit (`learner_snapshot`),
-    also after an error or an interrupt. It may run inside a fit (that fit's schedule, progress bar
-    and this library's callbacks are paused meanwhile). With `lr_mult`, the groups move together at
-    the ratios of `slice(lr / lr_mult, lr)`; the suggestion is the top rate.
 
-    When no curve can be measured (no held-out data for a small training set) or the curve is
-    unusable (it diverged at once, became NaN, the suggestion failed), `fallback_lr` is returned
-    with a warning and the reason in the result (`fell_back=True`); turn the warning into an error
-    with `warnings.simplefilter('error')` to stop instead.
-    """
+def _check_args(config, lr_mult, fallback_lr) -> None:
     if not isinstance(config, RangeTest):
         raise TypeError(f"config must be a RangeTest(...), got {type(config).__name__}")
-    if not (isinstance(fallback_lr, (int, float)) and math.isfinite(fallback_lr) and fallback_lr > 0):
+    if not (_is_number(fallback_lr) and math.isfinite(fallback_lr) and fallback_lr > 0):
         raise ValueError(f"fallback_lr must be a finite rate > 0, got {fallback_lr!r}")
-    if lr_mult is not None and not (isinstance(lr_mult, (int, float)) and math.isfinite(lr_mult) and lr_mult >= 1):
+    if lr_mult is not None and not (_is_number(lr_mult) and math.isfinite(lr_mult) and lr_mult >= 1):
         raise ValueError(f"lr_mult must be None or a finite ratio >= 1, got {lr_mult!r}")
+
+
+def _is_number(x) -> bool:
+    "A real number: Python's, NumPy's or a one-element tensor's (not a bool)."
+    if isinstance(x, bool):
+        return False
+    if isinstance(x, torch.Tensor):
+        return x.numel() == 1 and not x.dtype.is_complex and x.dtype != torch.bool
+    return isinstance(x, (int, float, np.integer, np.floating))
+
+
+def _sweep(learn: Learner, config: RangeTest, num_it: int, ratios: np.ndarray, held,
+           paired: bool) -> tuple[list, list, list]:
+    """Run the sweep with everything restored after; returns the head group's rates, the raw losses and
+    (`paired`) each step's loss ratio on its own batch, else fastai's smoothed loss (or the held-out loss)."""
     n_batches = len(learn.dls.train)
-    if n_batches == 0:
-        raise ValueError("range test: the training DataLoader yields no batch (batch size larger than the "
-                         "training set with drop_last?)")
-    held = None
-    if config.max_passes is None or config.num_it <= config.max_passes * n_batches:
-        name, func = _suggester(config.suggest)
-        num_it, curve = config.num_it, "training loss"
-    else:
-        name, func = _suggester(config.held_out_suggest)
-        num_it, curve = config.held_out_it, "held-out loss"
-        why = (f"{config.num_it} iterations would go over the {n_batches}-batch training set "
-               f"{config.num_it / n_batches:.0f} times, where the training-loss curve shows memorisation")
-        if config.small_data == "fastai":
-            return _fallback(name, f"{why}; fastai's rule instead (RangeTest(small_data='held-out') measures a "
-                             "held-out curve)", fallback_lr, 0.0)
-        with kept_random_state():  # a new DataLoader draws its seed from the global generator
-            held = held_out_batch(learn, config.held_out)
-        if held is None:
-            return _fallback(name, f"{why}, and there are no validation images for a held-out curve",
-                             fallback_lr, 0.0)
-    n_groups = len(learn.opt.param_lists) if learn.opt is not None else 1
-    ratios = np.array(even_mults(1 / lr_mult, 1.0, n_groups)) if lr_mult and n_groups > 1 else np.ones(n_groups)
-    t0 = time.perf_counter()
-    paused = [cb for cb in learn.cbs if belongs_to_fit(cb)]
+    paused, kept = probe_callbacks(learn)
     # distributed: every process sweeps on its own (no DDP, no DistributedDL); rank 0's curve is shared
     with local_fit_state(learn):
         snap = learner_snapshot(learn)
@@ -224,24 +321,71 @@ def range_test(learn: Learner, config: RangeTest = RangeTest(), lr_mult: float |
             dev = next(learn.model.parameters()).device
             held = None if held is None else (held[0].to(dev), held[1].to(dev))
             sweep = _Sweep(config.start_lr * ratios, config.end_lr * ratios, num_it, config.stop_div,
-                           num_it // 10, held)
-            with paused_callbacks(learn, paused), learn.no_logging():
+                           num_it // 10, held, paired)
+            with shielded_callbacks(learn, paused, kept), learn.no_logging():
                 learn.fit(num_it // n_batches + 1, cbs=sweep)
-            full_lrs = [float(x) for x in learn.recorder.lrs]
-            full_losses = list(sweep.curve)
+            out = sweep.lrs, sweep.raw, sweep.ratio if sweep.paired else sweep.smooth
         finally:
             restore_learner(learn, snap)
-    full_lrs, full_losses = broadcast_object((full_lrs, full_losses))
+    return broadcast_object(out)
+
+
+def range_test(learn: Learner, config: RangeTest = RangeTest(), lr_mult: float | None = None,
+               fallback_lr: float = DEFAULT_FALLBACK_LR) -> RangeTestResult:
+    """Run a range test on the Learner as it is now (frozen or not); everything is restored after.
+
+    Weights, BN statistics, optimizer state, `requires_grad`, module modes, every Learner attribute,
+    the Recorder's history, the random states and the state of the callbacks that run during the
+    sweep are put back bit for bit, also after an error or an interrupt; the other callbacks do not
+    see the sweep. It may run inside a fit. With `lr_mult`, the groups move together at the ratios
+    of `slice(lr / lr_mult, lr)`; the suggestion is the top rate.
+
+    With too few batches for a curve (see `RangeTest`), or when the curve is unusable (it diverged
+    at once, became NaN, the suggestion failed), `fallback_lr` is returned with a warning and the
+    reason in the result (`fell_back=True`); `warnings.simplefilter('error')` stops instead.
+    """
+    _check_args(config, lr_mult, fallback_lr)
+    n_batches = len(learn.dls.train)
+    if n_batches == 0:
+        raise ValueError("range test: the training DataLoader yields no batch (batch size larger than the "
+                         "training set with drop_last?)")
+    fallback_lr = float(fallback_lr)
+    held, num_it = None, config.iterations(n_batches)
+    if num_it is not None:
+        name, func = _suggester(config.suggest)
+        curve = "training loss"
+    else:
+        name, func = _suggester(config.held_out_suggest)
+        num_it, curve = config.held_out_it, "held-out loss"
+        why = (f"{n_batches} training batches per epoch, fewer than the {config.min_batches} new batches a curve needs"
+               if config.num_it is None else
+               f"{config.num_it} iterations would go over the {n_batches}-batch training set "
+               f"{config.num_it / n_batches:.1f} times (repeated images make the loss fall at any rate)")
+        if config.small_data == "fastai":
+            return _fallback(name, why, fallback_lr)
+        with kept_random_state():  # a new DataLoader draws its seed from the global generator
+            held = held_out_batch(learn, config.held_out)
+        if held is None:
+            return _fallback(name, f"{why}, and no validation images for a held-out curve", fallback_lr)
+    if learn.opt is None:
+        learn.create_opt()
+    n_groups = len(learn.opt.param_lists)
+    ratios = np.array(even_mults(1 / lr_mult, 1.0, n_groups)) if lr_mult and n_groups > 1 else np.ones(n_groups)
+    t0 = time.perf_counter()
+    whole = bool(getattr(func, "uses_step_ratio", False))  # edge: the whole curve, of step ratios when paired
+    full_lrs, raw, curve_values = _sweep(learn, config, num_it, ratios, held, whole)
     seconds = time.perf_counter() - t0
-    # the same cut as fastai's lr_find: the first tenth and the last five points
-    lrs, losses = torch.tensor(full_lrs[num_it // 10:-5]), torch.tensor(full_losses[num_it // 10:-5])
+    if whole:
+        lrs, losses = torch.tensor(full_lrs), torch.tensor(curve_values)
+    else:  # fastai's lr_find cut: the first tenth and the last five points
+        lrs, losses = torch.tensor(full_lrs[num_it // 10:-5]), torch.tensor(curve_values[num_it // 10:-5])
     bad = torch.nonzero(~torch.isfinite(losses.view(-1)))
     if len(bad):
         lrs, losses = lrs[:int(bad.min())], losses[:int(bad.min())]
     reason, lr, point = "", None, None
     if len(losses) < 5:
         how = ("became NaN or infinite" if len(bad) else
-               f"diverged (stopped after {len(full_losses)} of {num_it} iterations)")
+               f"diverged at once (stopped after {len(raw)} of {num_it} iterations)")
         reason = f"the loss {how}, leaving {len(losses)} usable points"
     else:
         try:
@@ -251,10 +395,9 @@ def range_test(learn: Learner, config: RangeTest = RangeTest(), lr_mult: float |
                 reason = f"the {name} suggestion was {lr}"
         except Exception as e:  # noqa: BLE001 - a suggester failing on an odd curve is a fallback case
             reason = f"the {name} suggestion failed on this curve ({type(e).__name__}: {e})"
+    curve_kw = dict(curve=curve, seconds=seconds, lrs=lrs.tolist(), losses=losses.tolist(), full_lrs=full_lrs,
+                    full_losses=raw)
     if reason:
-        res = _fallback(name, reason, fallback_lr, seconds, curve)
-        res.lrs, res.losses, res.full_lrs, res.full_losses = lrs.tolist(), losses.tolist(), full_lrs, full_losses
-        return res
+        return _fallback(name, reason, fallback_lr, **curve_kw)
     pt = (float(point[0]), float(point[1])) if point is not None else None
-    return RangeTestResult(lrs.tolist(), losses.tolist(), name, lr, pt, False, "", full_lrs, full_losses, seconds,
-                           curve)
+    return _result(name, lr, point=pt, **curve_kw)

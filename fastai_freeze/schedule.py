@@ -77,6 +77,16 @@ class Unfreeze:
         raise ValueError(f"unfreeze must be 'epochs', 'plateau' or an Unfreeze(...), got {value!r}")
 
 
+def _range_test_config(value) -> RangeTest | None:
+    "A `RangeTest` (None: the default one), or False for none at all (fastai's fixed rule): None then."
+    if value is False:
+        return None
+    if value is not None and not isinstance(value, RangeTest):
+        raise TypeError(f"range_test must be a RangeTest(...), None (the default one) or False (no range test: "
+                        f"fastai's fixed rule, fallback_lr), got {type(value).__name__}")
+    return value or RangeTest()
+
+
 def _check_monitor(learn: Learner, monitor: str) -> None:
     "Refuse, before anything changes, a monitor the Recorder will not have."
     names = ["train_loss", "valid_loss"] + [m.name for m in learn.metrics]
@@ -86,7 +96,8 @@ def _check_monitor(learn: Learner, monitor: str) -> None:
 
 
 def _lr_source(rt: RangeTestResult) -> str:
-    return f"fallback ({rt.method} unusable)" if rt.fell_back else f"range test ({rt.method}, {rt.curve})"
+    "What the record says chose a rate: the range test, or fastai's rule and the one reason (the warning's)."
+    return f"fastai's rule: {rt.reason}" if rt.fell_back else f"range test ({rt.method}, {rt.curve})"
 
 
 class FineTuneSchedule:
@@ -100,7 +111,8 @@ class FineTuneSchedule:
     """
 
     def __init__(self, learn: Learner, bn: str | BNPolicy = "auto", freeze_bn: bool | None = None,
-                 lr_mult: float = 100, range_test: RangeTest | None = None, fallback_lr: float = DEFAULT_FALLBACK_LR):
+                 lr_mult: float = 100, range_test: RangeTest | bool | None = None,
+                 fallback_lr: float = DEFAULT_FALLBACK_LR):
         policy = BNPolicy.parse(bn)
         if policy is not BNPolicy.AUTO:
             check_freeze_bn(policy, freeze_bn)
@@ -111,10 +123,8 @@ class FineTuneSchedule:
             raise ValueError(f"lr_mult must be >= 1 (the head's rate over the first group's), got {lr_mult}")
         _positive("fallback_lr", fallback_lr)
         check_batch_size(learn, policy)
-        if range_test is not None and not isinstance(range_test, RangeTest):
-            raise TypeError(f"range_test must be a RangeTest(...), got {type(range_test).__name__}")
         self.learn, self.lr_mult, self.fallback_lr = learn, lr_mult, fallback_lr
-        self.range_test = range_test or RangeTest()
+        self.range_test = _range_test_config(range_test)
         self.keeper = BNPolicyKeeper(learn, policy, freeze_bn, 200)
         self.record = FineTuneRecord()
         self._iter0, self._t0 = 0, time.perf_counter()
@@ -141,7 +151,11 @@ class FineTuneSchedule:
         else:
             self.learn.freeze_to(from_group)
             set_frozen_bn_trainable(self.learn, not self.freeze_bn)
-        rt = range_test(self.learn, self.range_test, lr_mult=self.lr_mult, fallback_lr=self.fallback_lr)
+        if self.range_test is None:  # range_test=False: fastai's fixed rule, asked for
+            rt = RangeTestResult([], [], "fixed", float(self.fallback_lr), None, True,
+                                 "range_test=False, the fixed top rate fallback_lr")
+        else:
+            rt = range_test(self.learn, self.range_test, lr_mult=self.lr_mult, fallback_lr=self.fallback_lr)
         return self.rates(rt.suggestion), rt
 
     def open_phase(self, name: str, epochs: int, lr, source: str, rt: RangeTestResult | None = None,
@@ -218,7 +232,7 @@ def _warm_up(self: Learner, sched: FineTuneSchedule, freeze_epochs: int, base_lr
              cache_features: bool, cbs: list, kwargs: dict) -> None:
     record = sched.record
     if base_lr is None:
-        rt = range_test(self, sched.range_test, fallback_lr=sched.fallback_lr)
+        rt = range_test(self, sched.range_test or RangeTest(), fallback_lr=sched.fallback_lr)
         lr, src = rt.suggestion, _lr_source(rt) + ", frozen"
     else:
         rt, lr, src = None, base_lr, "base_lr"
@@ -248,10 +262,11 @@ _FIT_ONE_CYCLE_ARGS = frozenset(inspect.signature(Learner.fit_one_cycle).paramet
 
 
 @patch
-@delegates(Learner.fit_one_cycle)
+@delegates(Learner.fit_one_cycle, but=["lr_max", "start_epoch"])
 def fine_tune_with(self: Learner, epochs: int, base_lr: float | None = 2e-3, freeze_epochs: int = 1,
-                   bn: str = "auto", freeze_bn: bool | None = None, unfreeze: Unfreeze | str | None = None,
-                   lr_mult: float = 100, range_test: RangeTest | None = None, fallback_lr: float | None = None,
+                   lr_mult: float = 100, pct_start: float = 0.3, div: float = 5.0, bn: str = "auto",
+                   freeze_bn: bool | None = None, unfreeze: Unfreeze | str | None = None,
+                   range_test: RangeTest | bool | None = None, fallback_lr: float | None = None,
                    monitor: str | None = None, target: float | None = None, keep_best: bool = False,
                    gradual: bool | float = False, cache_features: bool = False, **kwargs) -> FineTuneRecord:
     """Fine-tune: BN policy, warm-up, informed unfreeze, range test on the unfrozen model, discriminative rates.
@@ -264,8 +279,9 @@ def fine_tune_with(self: Learner, epochs: int, base_lr: float | None = 2e-3, fre
       `unfreeze='plateau'` (or `Unfreeze(...)`) ends it once the validation loss stops improving.
     - Unfreeze, range test (`range_test=RangeTest(...)` to change it), then `epochs` of one cycle at
       `slice(lr / lr_mult, lr)`; `pct_start`, `div` and other `fit_one_cycle` arguments apply to it.
-      A range test without a usable curve falls back, with a warning, to `fallback_lr` (None:
-      fastai's rule, `base_lr / 2`).
+      Below 20 training batches per epoch, or when the curve is unusable, the top rate is `fallback_lr`
+      (None: fastai's rule, `base_lr / 2`), with a warning; `range_test=False` asks for that rate
+      without a range test.
     - `monitor` with `target` stops once the target is reached; `keep_best` loads the best epoch's
       weights at the end. `gradual=True`: one more group per stage (an epoch each, each with its
       range test; a 2-group Learner's body is split in two); a number > 1 divides the previous
@@ -300,11 +316,10 @@ def fine_tune_with(self: Learner, epochs: int, base_lr: float | None = 2e-3, fre
     if unknown:
         raise TypeError(f"fine_tune_with got unexpected arguments {unknown}: besides its own, it takes "
                         f"fit_one_cycle's {sorted(_FIT_ONE_CYCLE_ARGS)}")
-    for k in ("pct_start", "div", "div_final"):
-        if k in kwargs:
-            _positive(k, kwargs[k])
-    if "pct_start" in kwargs and kwargs["pct_start"] >= 1:
-        raise ValueError(f"pct_start must be in (0, 1), got {kwargs['pct_start']}")
+    for k, v in (("pct_start", pct_start), ("div", div), ("div_final", kwargs.get("div_final", 1e5))):
+        _positive(k, v)
+    if pct_start >= 1:
+        raise ValueError(f"pct_start must be in (0, 1), got {pct_start}")
     for name in ([rule.monitor] if rule.plateau else []) + ([monitor] if monitor else []):
         _check_monitor(self, name)
     if cache_features:
@@ -318,7 +333,7 @@ def fine_tune_with(self: Learner, epochs: int, base_lr: float | None = 2e-3, fre
         freeze_bn = True
     check_splittable(self)
     sched = FineTuneSchedule(self, bn, freeze_bn, lr_mult, range_test, fallback_lr)
-    kwargs = {"pct_start": 0.3, "div": 5.0, **kwargs}
+    kwargs = {"pct_start": pct_start, "div": div, **kwargs}
     user_cbs = list(L(kwargs.pop("cbs", None)))
     record = sched.record
     splitter = self.splitter
@@ -393,7 +408,7 @@ class FineTuneCallback(FitScopedCallback, TrackerCallback):
         return "fine_tune_schedule"
 
     def __init__(self, unfreeze_epoch: int = 1, unfreeze: Unfreeze | str | None = None, bn: str = "auto",
-                 freeze_bn: bool | None = None, lr_mult: float = 100, range_test: RangeTest | None = None,
+                 freeze_bn: bool | None = None, lr_mult: float = 100, range_test: RangeTest | bool | None = None,
                  fallback_lr: float = DEFAULT_FALLBACK_LR, pct_start: float = 0.3, div: float = 5.0,
                  div_final: float = 1e5):
         _positive("unfreeze_epoch", unfreeze_epoch, integer=True)
@@ -409,7 +424,8 @@ class FineTuneCallback(FitScopedCallback, TrackerCallback):
         _positive("lr_mult", lr_mult)
         self.unfreeze_epoch, self.rule = int(unfreeze_epoch), rule
         self.bn, self.freeze_bn, self.lr_mult, self.fallback_lr = bn, freeze_bn, lr_mult, fallback_lr
-        self.range_test = range_test or RangeTest()
+        _range_test_config(range_test)
+        self.range_test = range_test  # None: the default RangeTest; False: fastai's fixed rule
         self.pct_start, self.div, self.div_final = pct_start, div, div_final
         self.record = FineTuneRecord()
         self.sched: FineTuneSchedule | None = None
