@@ -5,6 +5,7 @@ Every user error is found before any training and printed as one line (`error: .
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,6 +190,8 @@ class FolderTask:
     arch: str
     pretrained: bool
     weights: str | None
+    num_workers: int = 0
+    device: str | None = None
 
     @property
     def name(self) -> str:
@@ -197,7 +200,8 @@ class FolderTask:
     def learner(self, bs: int, seed: int):
         import torch
         from fastai.vision.all import ImageDataLoaders, Resize, ResizeMethod
-        kw = dict(item_tfms=Resize(self.size, method=ResizeMethod.Squish), bs=bs, seed=seed)
+        kw = dict(item_tfms=Resize(self.size, method=ResizeMethod.Squish), bs=bs, seed=seed,
+                  num_workers=self.num_workers, device=self.device)
         if self.layout.valid_name:
             dls = ImageDataLoaders.from_folder(self.layout.path, train="train", valid=self.layout.valid_name, **kw)
         else:
@@ -236,30 +240,55 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastai_freeze",
                                 description="Compare fine-tuning strategies (BN policies, schedules).")
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="the strategy comparison on the embedded data (no download)")
+    d = sub.add_parser("demo", help="the strategy comparison on the embedded data (no download)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d.add_argument("--network", choices=("real", "pattern"), default="real",
                    help="real: ImageNet EfficientNet-Lite0 on Fashion-MNIST and digits (default); "
                         "pattern: the small pattern model")
     d.add_argument("--quick", action="store_true",
                    help=f"one scenario, one seed, the strategies {', '.join(QUICK_STRATEGIES)} (under 3 minutes)")
-    d.add_argument("--seeds", type=_count("--seeds"), default=3)
+    d.add_argument("--seeds", type=_count("--seeds"), default=3, help="paired seeds per strategy")
     d.add_argument("--epochs", type=_count("--epochs"), default=2, help="unfrozen epochs (plus 1 warm-up)")
     d.add_argument("--strategies", help="comma-separated names (default: all)")
     d.add_argument("--workers", type=_count("--workers"), default=2, help="processes sharing the runs")
     d.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for the plots and the table")
-    c = sub.add_parser("compare", help="the strategy comparison on your own image folder")
+    gpu = _has_gpu()
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    c = sub.add_parser("compare", help="the strategy comparison on your own image folder", formatter_class=fmt,
+                       description="Defaults are sized for the machine: " + (
+                           "on this GPU every strategy, 3 seeds, 128 px" if gpu else
+                           f"on a CPU {len(QUICK_STRATEGIES)} strategies, 1 seed, 64 px (a few minutes for a few "
+                           "hundred images)") + ".")
     c.add_argument("path", type=Path)
     c.add_argument("--arch", default=DEFAULT_ARCH,
-                   help=f"a timm or torchvision architecture (default {DEFAULT_ARCH}, packaged ImageNet weights)")
+                   help="a timm or torchvision architecture (the default has packaged ImageNet weights)")
     c.add_argument("--weights", type=Path, help="a local state dict for --arch (no download)")
     c.add_argument("--no-pretrained", action="store_true", help="random weights")
-    c.add_argument("--epochs", type=_count("--epochs"), default=4)
-    c.add_argument("--bs", type=_count("--bs", 2), action="append", help="batch size (repeatable; default 64)")
-    c.add_argument("--size", type=_count("--size", 8), default=128, help="image side after a squish-resize")
-    c.add_argument("--strategies", help="comma-separated names (default: all)")
-    c.add_argument("--seeds", type=_count("--seeds"), default=3)
-    c.add_argument("--out", type=Path, default=Path("compare_out"))
+    c.add_argument("--epochs", type=_count("--epochs"), default=3 if gpu else 2, help="unfrozen epochs (plus 1 warm-up)")
+    c.add_argument("--bs", type=_count("--bs", 2), action="append",
+                   help="batch size, repeatable (None: 64, or less so that an epoch has 8 batches)")
+    c.add_argument("--size", type=_count("--size", 8), default=128 if gpu else 64, help="image side after a squish-resize")
+    c.add_argument("--strategies", default=None if gpu else ",".join(QUICK_STRATEGIES),
+                   help="comma-separated names" + (" (default: all)" if gpu else ""))
+    c.add_argument("--seeds", type=_count("--seeds"), default=3 if gpu else 1, help="paired seeds per strategy")
+    c.add_argument("--workers", type=_count("--workers"), default=1,
+                   help="processes sharing the runs (each with cores / workers threads)")
+    c.add_argument("--device", default=None, help="cpu or cuda (None: fastai's default_device())")
+    c.add_argument("--out", type=Path, default=Path("compare_out"), help="folder for the plots and the table")
     return p
+
+
+def _has_gpu() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def loader_workers(processes: int = 1) -> int:
+    """DataLoader worker processes for image files: none on a machine with 2 cores or fewer per run
+    (a worker's start-up every epoch costs more than it saves there), else up to 4 per run."""
+    import os
+    per_run = (os.cpu_count() or 1) // max(processes, 1)
+    return 0 if per_run <= 2 else min(4, per_run - 1)
 
 
 def main(argv=None) -> int:
@@ -307,15 +336,21 @@ def _run(args) -> int:
                      f"over {seeds} seed(s))", records)
         return 0
     layout = check_folder(args.path)
-    sizes = args.bs or [64]
+    sizes = args.bs or [max(2, min(64, 2 ** int(math.log2(max(layout.n_train // 8, 2)))))]
     too_big = [b for b in sizes if b > layout.n_train]
     if too_big:
         raise CLIError(f"--bs {too_big[0]} is larger than the {layout.n_train} training images of {args.path}")
+    if args.device not in (None, "cpu", "cuda") and not str(args.device).startswith("cuda:"):
+        raise CLIError(f"--device {args.device!r}: use cpu or cuda")
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {args.device}: no CUDA device is available here")
     task = FolderTask(layout, args.size, args.arch, not args.no_pretrained,
-                      str(args.weights) if args.weights else None)
+                      str(args.weights) if args.weights else None, loader_workers(args.workers), args.device)
     learner_factory(task.arch, task.pretrained, task.weights)  # architecture and weights checked now
-    print(f"{args.path}: {layout.n_images} images in {len(layout.classes)} classes; arch {args.arch}")
+    print(f"{args.path}: {layout.n_images} images in {len(layout.classes)} classes; arch {args.arch}; "
+          f"{len(strategies)} strateg{'y' if len(strategies) == 1 else 'ies'} x {args.seeds} seed(s) x batch size(s) "
+          f"{', '.join(map(str, sizes))} at {args.size} px, {args.epochs} + 1 epochs each")
     rows = compare([task], strategies, batch_sizes={task.name: sizes}, seeds=args.seeds, epochs=args.epochs,
-                   records=records)
+                   workers=args.workers, records=records)
     _write_table(rows, args.out, f"Strategy comparison on {args.path}", records)
     return 0

@@ -140,14 +140,37 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _jobs_in_order(jobs: list[tuple], workers: int) -> list:
-    "Run `run_job(*job)` for each job, in `workers` processes (1: here), results in the jobs' order."
+def _progress_line(i: int, n: int, job: tuple, result: tuple, t0: float) -> str:
+    "One finished run, and how long the rest should take at the pace so far."
+    task, strategy, bs, seed = job[:4]
+    spent = time.perf_counter() - t0
+    left = spent / (i + 1) * (n - i - 1)
+    return (f"[{i + 1}/{n}] {task.name} bs={bs} {strategy} seed {seed}: accuracy {result[0]:.3f} in {result[1]:.0f}s"
+            f" · about {left / 60:.1f} min left" if i + 1 < n else f"[{n}/{n}] {task.name} bs={bs} {strategy} seed "
+            f"{seed}: accuracy {result[0]:.3f} in {result[1]:.0f}s · done in {spent / 60:.1f} min")
+
+
+def _jobs_in_order(jobs: list[tuple], workers: int, progress: bool = False) -> list:
+    """Run `run_job(*job)` for each job, in `workers` processes (1: here), results in the jobs' order;
+    `progress` prints a line per finished run with an estimate of the time left."""
+    t0, out = time.perf_counter(), []
     if workers <= 1:
-        return [run_job(*j) for j in jobs]
-    threads = max(1, (os.cpu_count() or 2) // workers)
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init,
-                             initargs=(threads,)) as pool:
-        return list(pool.map(run_job, *zip(*jobs)))
+        results = (run_job(*j) for j in jobs)
+        pool = None
+    else:
+        threads = max(1, (os.cpu_count() or 2) // workers)
+        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init,
+                                   initargs=(threads,))
+        results = pool.map(run_job, *zip(*jobs))
+    try:
+        for i, r in enumerate(results):
+            out.append(r)
+            if progress:
+                print(_progress_line(i, len(jobs), jobs[i], r, t0), flush=True)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return out
 
 
 def strategies_for(task, strategies: Sequence[str]) -> list[str]:
@@ -184,7 +207,7 @@ def compare(tasks: Sequence, strategies: Sequence[str] = tuple(STRATEGIES), batc
     t0 = time.perf_counter()
     if progress:
         print(f"{len(jobs)} runs in {workers} process(es)...", flush=True)
-    results = _jobs_in_order(jobs, workers)
+    results = _jobs_in_order(jobs, workers, progress)
     rows = []
     for i, (task, bs, strat) in enumerate(plan):
         res = results[i * seeds:(i + 1) * seeds]

@@ -263,12 +263,13 @@ class _Items(list):
 def tensor_dls(x_train, y_train, x_valid, y_valid, bs: int = 64, seed: int | None = 0, device=None):
     """fastai `DataLoaders` over in-memory tensors (shuffled training set, `drop_last` like fastai).
 
-    Inputs are fastai `TensorImage`s, so the `Normalize` that `vision_learner` adds applies as it
+    Batches go to `device` (None: fastai's `default_device()`, the GPU where there is one). Inputs are
+    fastai `TensorImage`s, so the `Normalize` that `vision_learner` adds applies as it
     does to images from files. `dls.c` is the number of classes (`vision_learner` needs no `n_out`).
     """
     from fastai.data.core import DataLoaders, TfmdDL
     from fastai.losses import CrossEntropyLossFlat
-    from fastai.torch_core import TensorCategory, TensorImage
+    from fastai.torch_core import TensorCategory, TensorImage, default_device
 
     train = _Items(zip(TensorImage(x_train), TensorCategory(y_train)))
     valid = _Items(zip(TensorImage(x_valid), TensorCategory(y_valid)))
@@ -281,6 +282,6 @@ def tensor_dls(x_train, y_train, x_valid, y_valid, bs: int = 64, seed: int | Non
     # TfmdDL (not a bare DataLoader) has the transform pipelines vision_learner adds Normalize to; the
     # data is in memory, so no loader processes (they would cost a start-up every epoch)
     dls = DataLoaders(TfmdDL(train, bs=bs, shuffle=True, drop_last=True, num_workers=0),
-                      TfmdDL(valid, bs=max(bs, 64), num_workers=0), device=device or "cpu")
+                      TfmdDL(valid, bs=max(bs, 64), num_workers=0), device=device or default_device())
     dls.c = int(torch.cat([torch.as_tensor(y_train), torch.as_tensor(y_valid)]).max()) + 1
     return dls
