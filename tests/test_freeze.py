@@ -8,7 +8,7 @@ from torch import nn
 from torchvision.models import resnet18
 
 import fastai_freeze  # noqa: F401  (the Learner patches)
-from fastai_freeze.core.bn import bn_layers, bn_parameters, is_bn
+from fastai_freeze.core.bn import bn_parameters
 from fastai_freeze.demo.data import tensor_dls
 from fastai_freeze.freeze import BNSplitter, body_bn_layers, frozen_state
 
@@ -101,7 +101,6 @@ def test_bn_splitter_gives_bn_its_own_group():
 
 
 def test_import_changes_no_fastai_method():
-    import importlib
     import subprocess
     import sys
     code = ("import fastai.vision.all as f; names=['fine_tune','lr_find','freeze','unfreeze','freeze_to','fit_one_cycle','fit'];"
@@ -110,14 +109,40 @@ def test_import_changes_no_fastai_method():
             "assert fastai_freeze.BNPolicy.FOLD.value == 'fold'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    importlib.import_module("fastai_freeze")
+
+
+_FASTAI_FREEZE_STATE = """
+import json, torch
+from fastai.vision.learner import vision_learner
+from torchvision.models import resnet18
+from fastai_freeze.demo.data import tensor_dls  # data only: the package's patches come with `import fastai_freeze`
+def state(train_bn):
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 3, (32,))
+    learn = vision_learner(tensor_dls(x[:24], y[:24], x[24:], y[24:], bs=8), resnet18, pretrained=False, n_out=3,
+                           train_bn=train_bn)
+    out = {}
+    for step in ("freeze", "unfreeze"):
+        getattr(learn, step)()
+        learn.model.train()
+        out[step] = [[p.requires_grad for p in g] for g in learn.opt.param_lists]
+        out[step + "_modes"] = [m.training for m in learn.model.modules()]
+        out[step + "_frozen_idx"] = learn.opt.frozen_idx
+    return out
+"""
 
 
 def test_fastai_freeze_behaviour_unchanged_after_import():
-    learn = vision_learner(_dls(), resnet18, pretrained=False, n_out=3, train_bn=False)
-    learn.freeze()
-    # fastai's train_bn=False: body BN frozen too, and (as fastai does) BN layers are left in train mode
-    assert not any(p.requires_grad for _, m in bn_layers(learn.model[0]) for p in m.parameters())
-    assert all(is_bn(m) for _, m in bn_layers(learn.model))
-    learn.unfreeze()
-    assert all(p.requires_grad for p in learn.model.parameters())
+    "fastai's freeze/unfreeze give the same flags and modes with and without the package imported."
+    import json
+    import subprocess
+    import sys
+    code = _FASTAI_FREEZE_STATE + "print(json.dumps([state(True), state(False)]))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    without = json.loads(out.stdout.strip().splitlines()[-1])
+    scope: dict = {}
+    exec(_FASTAI_FREEZE_STATE, scope)  # here fastai_freeze is imported (module level)
+    with_pkg = [scope["state"](True), scope["state"](False)]
+    assert with_pkg == without
+    assert any(not all(g) for g in without[1]["freeze"])  # the comparison covers a frozen body
