@@ -285,22 +285,63 @@ def fold_bn(model: nn.Module, strict: bool = True, preconditioned: bool = True,
 
 
 # ------------------------------------------------------------------ statistics ----------------
+def _merge_moments(store: dict, mod: nn.Module, n_b: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+    "Add a batch's `(count, mean, M2)` to `store[mod]`, exactly in float64 (Chan et al.'s pairwise update)."
+    mean, m2 = mean.double(), m2.double()
+    s = store.get(mod)
+    if s is None:
+        store[mod] = [n_b, mean, m2]
+        return
+    n_a, mean_a, m2_a = s
+    n = n_a + n_b
+    delta = mean - mean_a
+    store[mod] = [n, mean_a + delta * (n_b / n), m2_a + m2 + delta * delta * (n_a * n_b / n)]
+
+
 def moments_hook(store: dict):
-    "A forward pre-hook adding, per module, [count, per-channel sum, per-channel sum of squares] (float64)."
+    """A forward pre-hook keeping, per module, `[count, per-channel mean, per-channel M2]` of its inputs
+    (float64; M2 the sum of squared deviations from the mean): each batch's mean and variance in one
+    pass in the input's precision (float32 for half inputs), merged exactly in float64."""
     def hook(mod, inp):
-        x = inp[0].detach().double()
-        dims = [0] + list(range(2, x.dim()))
-        s = store.setdefault(mod, [0, 0.0, 0.0])
-        s[0] += x.numel() // x.shape[1]
-        s[1] = s[1] + x.sum(dims)
-        s[2] = s[2] + (x * x).sum(dims)
+        x = inp[0].detach()
+        x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        var, mean = torch.var_mean(x, [0] + list(range(2, x.dim())), correction=0)
+        n_b = x.numel() // x.shape[1]
+        _merge_moments(store, mod, n_b, mean, var.double() * n_b)
     return hook
 
 
 @contextmanager
+def _moments_from_bn(layers: list[nn.Module], store: dict) -> Iterator[None]:
+    """Inside (within `batch_statistics`), each of `layers` adds its batches' moments to `store`, read off
+    its own running statistics after its forward: at momentum 1 they are the batch's mean and unbiased
+    variance, so the statistics cost no pass over the activations beyond the layer's own. The running
+    statistics and momenta are put back on exit, whatever happens."""
+    saved = {m: (m.running_mean.clone(), m.running_var.clone(), m.momentum) for m in layers}
+
+    def hook(mod, args, out):
+        x = args[0]
+        n_b = x.numel() // x.shape[1]
+        _merge_moments(store, mod, n_b, mod.running_mean, mod.running_var.double() * (n_b - 1))
+
+    handles = [m.register_forward_hook(hook) for m in layers]
+    try:
+        for m in layers:
+            m.momentum = 1.0
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m, (rm, rv, mom) in saved.items():
+            m.running_mean.copy_(rm)
+            m.running_var.copy_(rv)
+            m.momentum = mom
+
+
+@contextmanager
 def recorded_moments(layers: Iterable[nn.Module]) -> Iterator[dict]:
-    """Inside, every forward of `layers` adds its input's pooled moments to the yielded dict
-    (`{module: [count, sum, sum of squares]}`); the hooks are removed on exit, whatever happens."""
+    """Inside, every forward of `layers` adds its input's moments to the yielded dict
+    (`{module: [count, mean, M2]}`, see `moments_hook`); the hooks are removed on exit, whatever happens."""
     store: dict[nn.Module, list] = {}
     handles = [m.register_forward_pre_hook(moments_hook(store)) for m in layers]
     try:
@@ -338,10 +379,9 @@ def _run_batches(model: nn.Module, batches: Iterable, max_batches: int | None, f
     return nb, ns
 
 
-def _pooled(n: int, s1: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    "Mean, unbiased and biased variance from the pooled sums."
-    mean = s1 / n
-    m2 = (s2 - n * mean * mean).clamp_min(0)
+def _pooled(n: int, mean: torch.Tensor, m2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    "Mean, unbiased and biased variance from the pooled moments."
+    m2 = m2.clamp_min(0)
     return mean, m2 / max(n - 1, 1), m2 / n
 
 
@@ -413,11 +453,12 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, forward: Callable | None
     """Re-estimate the BN layers' running statistics on new data (AdaBN), exactly.
 
     Each BN layer gets the mean and the unbiased variance of *all* inputs it saw over `batches`,
-    pooled exactly (float64 sums), not a momentum or per-batch average; during the pass BN layers
-    normalise with batch statistics, as in training (as PreciseBN does), frozen kinds included. No
-    weight changes, no gradient is computed, dropout is off, and every module's training flag is
-    restored, also after an interrupt. Statistics are written only at the end, and only if every
-    one is finite (else `ValueError`, nothing changed). Layers the data never reaches (a branch
+    pooled exactly (each batch's moments, as the layer computes them, merged in float64), not a
+    momentum or per-batch average; during the pass BN layers normalise with batch statistics, as in
+    training (as PreciseBN does), frozen kinds included. It costs about one training-mode forward pass.
+    No weight changes, no gradient is computed, dropout is off, and every module's training flag is
+    restored, also after an interrupt. Statistics are written only at the end, and only if every one
+    is finite (else `ValueError`, nothing changed). Layers the data never reaches (a branch
     that runs only in training) keep theirs and are named in the report.
 
     `batches` yields inputs (or tuples whose first element is the input); `forward(model, batch)`
@@ -425,7 +466,9 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, forward: Callable | None
     """
     todo = _layers_with_stats(model, layers, "recalibrate_bn")
     mods = [m for _, m in todo]
-    with recorded_moments(mods) as sums, batch_statistics(model, mods):
+    own = [m for m in mods if not _kind(m).fixed]  # they compute their batch statistics themselves
+    with recorded_moments([m for m in mods if m not in own]) as sums, batch_statistics(model, mods), \
+            _moments_from_bn(own, sums):
         nb, ns = _run_batches(model, batches, max_batches, forward)
     if nb == 0:
         raise ValueError("recalibrate_bn: `batches` yielded no batch")
@@ -485,9 +528,9 @@ class ShiftReport:
         return float(max(self.per_layer.values(), default=0.0))
 
 
-def shift_kl(m: nn.Module, n: int, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
-    "Mean over channels of KL(N(new) || N(running)) for a BN layer, from the pooled sums of its inputs."
-    mn, _, vb = _pooled(n, s1, s2)
+def shift_kl(m: nn.Module, n: int, mean: torch.Tensor, m2: torch.Tensor) -> torch.Tensor:
+    "Mean over channels of KL(N(new) || N(running)) for a BN layer, from the pooled moments of its inputs."
+    mn, _, vb = _pooled(n, mean, m2)
     vn = vb + m.eps
     mr, vr = m.running_mean.double(), m.running_var.double() + m.eps
     return 0.5 * (torch.log(vr / vn) + (vn + (mn - mr) ** 2) / vr - 1).mean()
