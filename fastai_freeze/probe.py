@@ -132,9 +132,9 @@ class RangeTest:
       'held-out' (`held_out_it` iterations, the loss measured on `held_out` validation images).
       An explicit `num_it` that does not fit in `max_passes` passes is treated the same way
       (`max_passes=None`: always run, whatever it measures).
-    - `stop_div`: stop once the loss diverges (after the first tenth): for 'edge', once the mean of the
-      last 3 batch losses is twice its best (the edge is behind by then); for fastai's suggestions,
-      once the smoothed loss is 4x its best, as fastai does.
+    - `stop_div`: stop once the loss diverges (after the first tenth): for 'edge', once the last 3
+      steps' loss ratios average over 2, steps doubling their own batch's loss (the edge is behind by
+      then); for fastai's suggestions, once the smoothed loss is 4x its best, as fastai does.
 
     fastai's own `lr_find` is `RangeTest(suggest='valley', start_lr=1e-7, end_lr=10, num_it=100)`.
     """
@@ -160,7 +160,7 @@ class RangeTest:
             v = getattr(self, name)
             if not (v is None and name == "num_it") and (not isinstance(v, int) or isinstance(v, bool) or v < 20):
                 raise ValueError(f"{name}={v!r}: a range test needs at least 20 iterations for a usable curve")
-        if not (isinstance(self.per_decade, (int, float)) and math.isfinite(self.per_decade) and self.per_decade > 0):
+        if not (_is_number(self.per_decade) and math.isfinite(self.per_decade) and self.per_decade > 0):
             raise ValueError(f"per_decade must be a number of rates > 0, got {self.per_decade!r}")
         if self.max_passes is not None and not self.max_passes > 0:
             raise ValueError(f"max_passes must be > 0 or None, got {self.max_passes}")
@@ -374,6 +374,10 @@ def range_test(learn: Learner, config: RangeTest = RangeTest(), lr_mult: float |
     t0 = time.perf_counter()
     whole = bool(getattr(func, "uses_step_ratio", False))  # edge: the whole curve, of step ratios when paired
     full_lrs, raw, curve_values = _sweep(learn, config, num_it, ratios, held, whole)
+    if whole and held is not None and curve_values and curve_values[0] > 0:
+        # edge reads ratios: the held-out loss relative to its value after the first (lowest) rate
+        curve_values = [v / curve_values[0] for v in curve_values]
+        curve = "held-out loss, relative to the first rate's"
     seconds = time.perf_counter() - t0
     if whole:
         lrs, losses = torch.tensor(full_lrs), torch.tensor(curve_values)

@@ -5,6 +5,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from fastai.callback.core import Callback
 from fastai.callback.progress import CSVLogger
 from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback
@@ -171,3 +172,18 @@ def test_a_users_callback_sees_the_sweep_as_lr_find(make_learner):
     learn.fit_one_cycle(2, 1e-3, cbs=[user, ft])
     assert not ft.record.phases[-1].range_test.fell_back
     assert user.fits == 2 and user.finder == [False, True]  # the fit, then the sweep, flagged as fastai flags it
+
+
+def test_held_out_edge_reads_the_loss_relative_to_its_start(make_learner):
+    "A held-out loss over 1 (here a 10x cross-entropy) is a loss, not a ratio: the edge still finds its minimum."
+    import torch.nn.functional as F
+    learn = make_learner(bs=16, loss_func=lambda out, y: 10 * F.cross_entropy(out.as_subclass(torch.Tensor),
+                                                                          y.as_subclass(torch.Tensor)))
+    learn.unfreeze()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rt = range_test(learn, RangeTest(small_data="held-out"), lr_mult=100)
+    assert not [w for w in caught if "range test not used" in str(w.message)]
+    assert rt.curve.startswith("held-out loss, relative") and not rt.fell_back
+    assert rt.losses[0] == pytest.approx(1.0) and min(rt.losses) < 1
+    assert rt.suggestion == pytest.approx(rt.point[0] / 5)

@@ -58,7 +58,7 @@ def test_range_test_restores_everything_bitwise(make_learner, curve):
            RangeTest(held_out_it=25, small_data="held-out"))
     rt = range_test(learn, cfg, lr_mult=100)
     assert_same_state(before, observable_state(learn))
-    assert rt.curve == curve and rt.suggestion > 0 and len(rt.full_lrs) > 0 and not rt.fell_back
+    assert rt.curve.startswith(curve) and rt.suggestion > 0 and len(rt.full_lrs) > 0 and not rt.fell_back
 
 
 @pytest.mark.parametrize("name", ["valley", "steep", "minimum"])
