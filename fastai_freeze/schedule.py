@@ -36,15 +36,16 @@ from .freeze import (
 )
 from .internals import FitScopedCallback, ResumedSchedule, group_lrs, scheduler_of
 from .policy import BNPolicy, BNPolicyCallback, BNPolicyKeeper, check_batch_size, check_freeze_bn
-from .probe import DEFAULT_FALLBACK_LR, RangeTest, range_test
+from .probe import DEFAULT_FALLBACK_LR, RangeTest, _is_number, range_test
 from .record import FineTuneRecord, PhaseRecord, RangeTestResult
 
 __all__ = ["Unfreeze", "FineTuneSchedule", "FineTuneCallback"]
 
 
 def _positive(name: str, value, integer: bool = False, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value >= 0 if allow_zero else value > 0) and (not integer or float(value).is_integer())
+    "Refuse anything but a finite real number (Python's, NumPy's or a one-element tensor's) in range."
+    ok = _is_number(value) and math.isfinite(float(value))
+    ok = ok and (float(value) >= 0 if allow_zero else float(value) > 0) and (not integer or float(value).is_integer())
     if not ok:
         kind = "a whole number" if integer else "a finite number"
         raise ValueError(f"{name} must be {kind} {'>= 0' if allow_zero else '> 0'}, got {value!r}")
@@ -123,7 +124,7 @@ class FineTuneSchedule:
             raise ValueError(f"lr_mult must be >= 1 (the head's rate over the first group's), got {lr_mult}")
         _positive("fallback_lr", fallback_lr)
         check_batch_size(learn, policy)
-        self.learn, self.lr_mult, self.fallback_lr = learn, lr_mult, fallback_lr
+        self.learn, self.lr_mult, self.fallback_lr = learn, float(lr_mult), float(fallback_lr)
         self.range_test = _range_test_config(range_test)
         self.keeper = BNPolicyKeeper(learn, policy, freeze_bn, 200)
         self.record = FineTuneRecord()
@@ -283,7 +284,7 @@ def fine_tune_with(self: Learner, epochs: int, base_lr: float | None = 2e-3, fre
       (None: fastai's rule, `base_lr / 2`), with a warning; `range_test=False` asks for that rate
       without a range test.
     - `monitor` with `target` stops once the target is reached; `keep_best` loads the best epoch's
-      weights at the end. `gradual=True`: one more group per stage (an epoch each, each with its
+      weights at the end (best by `monitor`, `valid_loss` if none is given, as `SaveModelCallback`). `gradual=True`: one more group per stage (an epoch each, each with its
       range test; a 2-group Learner's body is split in two); a number > 1 divides the previous
       stage's rate by it instead.
     - `cache_features=True` warms the head up on the body's features computed once (needs data
@@ -297,6 +298,7 @@ def fine_tune_with(self: Learner, epochs: int, base_lr: float | None = 2e-3, fre
     epochs, freeze_epochs = int(epochs), int(freeze_epochs)
     if base_lr is not None:
         _positive("base_lr", base_lr)
+        base_lr = float(base_lr)
     rule = Unfreeze.parse(unfreeze)
     if rule.plateau and freeze_epochs < 1:
         raise ValueError("unfreeze='plateau' needs freeze_epochs >= 1 as its cap")
@@ -306,9 +308,10 @@ def fine_tune_with(self: Learner, epochs: int, base_lr: float | None = 2e-3, fre
         raise ValueError("target needs monitor, the metric it applies to (e.g. monitor='accuracy')")
     if target is not None:
         _positive("target", abs(target), allow_zero=True)
-    if not isinstance(gradual, bool) and (not isinstance(gradual, (int, float)) or not gradual > 1
-                                          or not math.isfinite(gradual)):
-        raise ValueError(f"gradual must be True/False or a ratio > 1 between stages' rates, got {gradual!r}")
+    if not isinstance(gradual, bool):
+        if not (_is_number(gradual) and math.isfinite(float(gradual)) and float(gradual) > 1):
+            raise ValueError(f"gradual must be True/False or a ratio > 1 between stages' rates, got {gradual!r}")
+        gradual = float(gradual)
     if "lr_max" in kwargs:
         raise ValueError("lr_max is not taken: give the warm-up rate as base_lr; the unfrozen rate comes from "
                          "the range test (or fallback_lr)")
@@ -318,8 +321,11 @@ def fine_tune_with(self: Learner, epochs: int, base_lr: float | None = 2e-3, fre
                         f"fit_one_cycle's {sorted(_FIT_ONE_CYCLE_ARGS)}")
     for k, v in (("pct_start", pct_start), ("div", div), ("div_final", kwargs.get("div_final", 1e5))):
         _positive(k, v)
+    pct_start, div = float(pct_start), float(div)
     if pct_start >= 1:
         raise ValueError(f"pct_start must be in (0, 1), got {pct_start}")
+    if keep_best and monitor is None:
+        monitor = "valid_loss"  # as fastai's SaveModelCallback
     for name in ([rule.monitor] if rule.plateau else []) + ([monitor] if monitor else []):
         _check_monitor(self, name)
     if cache_features:
@@ -418,15 +424,16 @@ class FineTuneCallback(FitScopedCallback, TrackerCallback):
             _positive(k, v)
         if pct_start >= 1:
             raise ValueError(f"pct_start must be in (0, 1), got {pct_start}")
-        BNPolicy.parse(bn)
-        if BNPolicy.parse(bn) is not BNPolicy.AUTO:
-            check_freeze_bn(BNPolicy.parse(bn), freeze_bn)
+        policy = BNPolicy.parse(bn)
+        if policy is not BNPolicy.AUTO:
+            check_freeze_bn(policy, freeze_bn)
         _positive("lr_mult", lr_mult)
+        _positive("fallback_lr", fallback_lr)
         self.unfreeze_epoch, self.rule = int(unfreeze_epoch), rule
-        self.bn, self.freeze_bn, self.lr_mult, self.fallback_lr = bn, freeze_bn, lr_mult, fallback_lr
+        self.bn, self.freeze_bn, self.lr_mult, self.fallback_lr = bn, freeze_bn, float(lr_mult), float(fallback_lr)
         _range_test_config(range_test)
         self.range_test = range_test  # None: the default RangeTest; False: fastai's fixed rule
-        self.pct_start, self.div, self.div_final = pct_start, div, div_final
+        self.pct_start, self.div, self.div_final = float(pct_start), float(div), float(div_final)
         self.record = FineTuneRecord()
         self.sched: FineTuneSchedule | None = None
         self._unsynced: list = []
@@ -461,6 +468,11 @@ class FineTuneCallback(FitScopedCallback, TrackerCallback):
         if self._drives_keeper:
             self.sched.keeper.setup()
         self.sched.open_phase("warm-up", self.unfreeze_epoch, self._warm_lr(), "the fit's own schedule")
+        if self.unfreeze_epoch >= self.n_epoch and not self.rule.plateau:
+            why = (f"unfreeze_epoch={self.unfreeze_epoch} in a fit of {self.n_epoch} epoch(s): the body is not "
+                   "unfrozen (it unfreezes after that epoch, and only before the fit's last)")
+            self.record.notes.append(why)
+            warnings.warn(f"FineTuneCallback: {why}", stacklevel=2)
 
     def _warm_lr(self):
         lrs = [float(h["lr"]) for h in self.learn.opt.hypers]

@@ -1,6 +1,7 @@
 """Fault cases, round 3: other Learners and data paths, refusals that change nothing."""
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from fastai.data.core import DataLoaders
@@ -60,3 +61,47 @@ def test_folded_bn_follows_fastais_norm_rules(make_learner, freeze_bn):
     learn.freeze()
     assert all(p.requires_grad == (freeze_bn is None) for p in params)
     assert all(learn.opt.state[p]["do_wd"] is False for p in params)
+
+
+@pytest.mark.parametrize("box", [np.float64, np.float32, lambda v: torch.tensor(v)], ids=["np64", "np32", "tensor0d"])
+def test_numpy_and_tensor_scalars_are_numbers(make_learner, box):
+    "Rates and counts computed with NumPy or torch are accepted as the numbers they are."
+    learn = make_learner(bs=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rec = learn.fine_tune_with(np.int64(1), base_lr=box(2e-3), freeze_epochs=np.int64(1), lr_mult=box(100.0),
+                                   pct_start=box(0.3), div=box(5.0), fallback_lr=box(1e-3), range_test=False)
+    assert rec.phases[-1].lrs[-1] == pytest.approx(1e-3) and rec.phases[0].lrs[-1] == pytest.approx(2e-3, rel=1e-6)
+    cb = FineTuneCallback(unfreeze_epoch=np.int64(1), lr_mult=box(10.0), fallback_lr=box(1e-3), range_test=False)
+    learn.fit_one_cycle(2, 1e-3, cbs=cb)
+    assert cb.record.phases[-1].lrs[-1] == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("bad", [np.nan, torch.tensor([1e-3, 2e-3]), np.bool_(True), "1e-3"])
+def test_non_numbers_are_refused_before_anything_changes(make_learner, bad):
+    learn = make_learner(bs=16)
+    weights = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    flags, opt = [p.requires_grad for p in learn.model.parameters()], learn.opt
+    with pytest.raises((ValueError, TypeError)):
+        learn.fine_tune_with(1, base_lr=bad)
+    assert all(torch.equal(v, weights[k]) for k, v in learn.model.state_dict().items())
+    assert [p.requires_grad for p in learn.model.parameters()] == flags and learn.opt is opt
+
+
+def test_keep_best_without_monitor_keeps_the_lowest_validation_loss(make_learner):
+    learn = make_learner(bs=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rec = learn.fine_tune_with(3, keep_best=True, range_test=False)
+    losses = [v[1] for v in rec.phases[-1].values]
+    best = int(np.argmin(losses))
+    assert any(f"kept the weights of unfrozen epoch {best + 1} (valid_loss=" in n for n in rec.notes)
+    assert learn.validate()[0] == pytest.approx(losses[best], rel=1e-4)
+
+
+def test_an_unfreeze_epoch_past_the_fit_is_said(make_learner):
+    learn = make_learner(bs=16)
+    cb = FineTuneCallback(unfreeze_epoch=3, range_test=False)
+    with pytest.warns(UserWarning, match="unfreeze_epoch=3 in a fit of 2 epoch"):
+        learn.fit_one_cycle(2, 1e-3, cbs=cb)
+    assert any("the body is not unfrozen" in n for n in cb.record.notes) and len(cb.record.phases) == 1
