@@ -8,9 +8,9 @@ from __future__ import annotations
 
 # the modules that add Learner methods, imported for that effect
 from . import advisor as _advisor  # noqa: F401  Learner.suggest_strategy
-from . import freeze as _freeze  # noqa: F401  Learner.freeze_body, Learner.split_bn
+from . import freeze as _freeze  # noqa: F401  Learner.split_bn
 from . import inference as _inference  # noqa: F401  Learner.fused_model, Learner.export_fused
-from . import policy as _policy  # noqa: F401  Learner.apply_bn_policy
+from . import policy as _policy  # noqa: F401  Learner.apply_bn_policy, Learner.freeze_body
 from . import schedule as _schedule  # noqa: F401  Learner.fine_tune_with
 from .callbacks import FrozenPrefix
 from .core import (

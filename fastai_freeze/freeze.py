@@ -16,7 +16,7 @@ from torch import nn
 from .core.bn import bn_layers, bn_parameters
 
 __all__ = ["check_splittable", "body_bn_layers", "head_bn_layers", "set_frozen_bn_trainable", "frozen_state",
-           "trainable_groups", "policy_freezes_bn", "BNSplitter", "rebuild_optimizer", "frozen_prefix", "staged_splitter"]
+           "trainable_groups", "BNSplitter", "rebuild_optimizer", "frozen_prefix", "staged_splitter"]
 
 _SPLITTER_HINT = (
     "Give the Learner a splitter that returns [body_params, head_params], for example "
@@ -102,38 +102,6 @@ def set_frozen_bn_trainable(learn: Learner, trainable: bool) -> list[nn.Paramete
     for p in out:
         p.requires_grad_(trainable)
     return out
-
-
-def policy_freezes_bn(learn: Learner) -> bool:
-    "Whether the BN policy set on this Learner (if any) freezes BN parameters while the body is frozen."
-    from .policy import BNPolicyCallback  # policy.py builds on this module
-    for cb in learn.cbs:
-        if isinstance(cb, BNPolicyCallback) and cb.decision is not None:
-            return cb.decision.freeze_bn
-    return False
-
-
-@patch
-def freeze_body(self: Learner, freeze_bn: bool | None = None, n: int = -1) -> list[tuple[int, int]]:
-    """Freeze the parameter groups before `n` (all but the head by default), BN as `freeze_bn` says.
-
-    `freeze_bn=False` is "freeze non-BN layers": the BN affine parameters of the frozen groups stay
-    trainable whatever the Learner's `train_bn` says; `True` freezes them too; `None` (default) does
-    what the Learner's BN policy says (`learn.apply_bn_policy`: frozen under 'frozen'), else False.
-    Raises `ValueError` on a one-group model. Returns `frozen_state(learn)`.
-    """
-    if freeze_bn is not None and not isinstance(freeze_bn, bool):
-        raise TypeError(f"freeze_bn must be True, False or None, got {freeze_bn!r}")
-    check_splittable(self)
-    ngroups = len(self.opt.param_lists)
-    if not isinstance(n, int) or not -ngroups < n < ngroups or n == 0:
-        raise ValueError(f"n={n!r}: pick a group index that leaves at least one group trainable and one "
-                         f"frozen, between 1 and {ngroups - 1} (or -1 for 'all but the head')")
-    freeze_bn = policy_freezes_bn(self) if freeze_bn is None else freeze_bn
-    self.opt.freeze_to(n)
-    set_frozen_bn_trainable(self, not freeze_bn)
-    self.opt.clear_state()
-    return frozen_state(self)
 
 
 class BNSplitter:

@@ -45,6 +45,7 @@ from .freeze import (
     _groups,
     body_bn_layers,
     check_splittable,
+    frozen_state,
     head_bn_layers,
     rebuild_optimizer,
     set_frozen_bn_trainable,
@@ -52,7 +53,8 @@ from .freeze import (
 from .internals import FitScopedCallback, follow_norm_rules, in_order
 
 __all__ = ["BNPolicy", "BNDecision", "check_freeze_bn", "choose_bn_policy", "decide_bn_policy",
-           "apply_bn_decision", "check_batch_size", "BNPolicyKeeper", "BNPolicyCallback", "PROBE_SAMPLES", "MIN_BN_BATCH"]
+           "apply_bn_decision", "check_batch_size", "BNPolicyKeeper", "BNPolicyCallback", "PROBE_SAMPLES", "MIN_BN_BATCH",
+           "policy_freezes_bn"]
 
 PROBE_SAMPLES = 128
 "Training samples the automatic choice probes (two forward passes, no gradient)."
@@ -379,6 +381,37 @@ class BNPolicyCallback(FitScopedCallback):
         if self._active and self.keeper is not None:
             self.keeper.restore()
         self._active, self._nested = False, 0
+
+
+def policy_freezes_bn(learn: Learner) -> bool:
+    "Whether the BN policy set on this Learner (if any) freezes BN parameters while the body is frozen."
+    for cb in learn.cbs:
+        if isinstance(cb, BNPolicyCallback) and cb.decision is not None:
+            return cb.decision.freeze_bn
+    return False
+
+
+@patch
+def freeze_body(self: Learner, freeze_bn: bool | None = None, n: int = -1) -> list[tuple[int, int]]:
+    """Freeze the parameter groups before `n` (all but the head by default), BN as `freeze_bn` says.
+
+    `freeze_bn=False` is "freeze non-BN layers": the BN affine parameters of the frozen groups stay
+    trainable whatever the Learner's `train_bn` says; `True` freezes them too; `None` (default) does
+    what the Learner's BN policy says (`learn.apply_bn_policy`: frozen under 'frozen'), else False.
+    Raises `ValueError` on a one-group model. Returns `frozen_state(learn)`.
+    """
+    if freeze_bn is not None and not isinstance(freeze_bn, bool):
+        raise TypeError(f"freeze_bn must be True, False or None, got {freeze_bn!r}")
+    check_splittable(self)
+    ngroups = len(self.opt.param_lists)
+    if not isinstance(n, int) or not -ngroups < n < ngroups or n == 0:
+        raise ValueError(f"n={n!r}: pick a group index that leaves at least one group trainable and one "
+                         f"frozen, between 1 and {ngroups - 1} (or -1 for 'all but the head')")
+    freeze_bn = policy_freezes_bn(self) if freeze_bn is None else freeze_bn
+    self.opt.freeze_to(n)
+    set_frozen_bn_trainable(self, not freeze_bn)
+    self.opt.clear_state()
+    return frozen_state(self)
 
 
 @patch

@@ -28,14 +28,20 @@ from .distrib import is_distributed
 from .features import cached_warmup, check_cacheable
 from .freeze import (
     check_splittable,
-    policy_freezes_bn,
     rebuild_optimizer,
     set_frozen_bn_trainable,
     staged_splitter,
     trainable_groups,
 )
 from .internals import FitScopedCallback, ResumedSchedule, group_lrs, scheduler_of
-from .policy import BNPolicy, BNPolicyCallback, BNPolicyKeeper, check_batch_size, check_freeze_bn
+from .policy import (
+    BNPolicy,
+    BNPolicyCallback,
+    BNPolicyKeeper,
+    check_batch_size,
+    check_freeze_bn,
+    policy_freezes_bn,
+)
 from .probe import DEFAULT_FALLBACK_LR, RangeTest, _is_number, range_test
 from .record import FineTuneRecord, PhaseRecord, RangeTestResult
 

@@ -79,3 +79,47 @@ def test_user_facing_text_speaks_of_the_library_not_of_its_source_texts():
     for path in list(PACKAGE.rglob("*.py")) + [PACKAGE.parent / "README.md"]:
         text = path.read_text().lower()
         assert "seed 00" not in text and "seeds/" not in text, path
+
+
+def _relative_imports(path, mod: str, is_pkg: bool) -> set[str]:
+    "The library modules `path` imports (anywhere in it, not under `if TYPE_CHECKING:`)."
+    import ast
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+                   for n in ast.walk(node)}
+    out = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only or not isinstance(node, ast.ImportFrom) or not node.level:
+            continue
+        base = mod if is_pkg else mod.rsplit(".", 1)[0]
+        for _ in range(node.level - 1):
+            base = base.rsplit(".", 1)[0]
+        out |= {f"{base}.{node.module}"} if node.module else {f"{base}.{a.name}" for a in node.names}
+    return out
+
+
+def test_no_import_cycle_between_the_library_modules():
+    "Each module builds on the ones below it; none imports one that imports it back (lazily or not)."
+    import pathlib
+    root = pathlib.Path(fastai_freeze.__file__).parent
+    graph = {}
+    for f in root.rglob("*.py"):
+        parts = f.relative_to(root.parent).with_suffix("").parts
+        is_pkg = parts[-1] == "__init__"
+        mod = ".".join(parts[:-1] if is_pkg else parts)
+        graph[mod] = _relative_imports(f, mod, is_pkg)
+    assert "fastai_freeze.core.bn" in graph["fastai_freeze.freeze"]  # the graph is read
+    done, path = set(), []
+
+    def visit(m):
+        if m in path:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(m):] + [m]))
+        if m in done or m not in graph:
+            return
+        path.append(m)
+        for d in sorted(graph[m]):
+            visit(d)
+        path.pop()
+        done.add(m)
+    for m in sorted(graph):
+        visit(m)
