@@ -84,8 +84,8 @@ def edge(lrs, ratios, num_it=None, divisor: float = 5.0, floor: float = 0.05):
     holds, so it is usable with 20 steps of 8 images. The *edge* is the rate at which one step is
     most effective (the minimum of the log-ratio, 3-point running mean, ratios under `floor` counted
     as `floor`, so that the first rate of a floor of memorised batches is the edge, not its noisiest
-    point): beyond it the curve turns up sharply, towards the rate at which a step makes things worse. Returns
-    `(edge / divisor, (edge, ratio at the edge))`, like fastai's suggestion functions.
+    point): beyond it the curve turns up sharply, towards the rate at which a step makes things worse.
+    Returns `(edge / divisor, (edge, ratio at the edge))`, like fastai's suggestion functions.
     """
     lrs, r = np.asarray(lrs, dtype=float), np.asarray(ratios, dtype=float)
     if len(r) < 5:
@@ -106,7 +106,8 @@ edge.uses_step_ratio = True
 SUGGESTERS: dict[str, Callable] = {"edge": edge, "valley": valley, "steep": steep, "minimum": minimum,
                                    "slide": slide}
 """The suggestion functions, by name: `edge` (this library's default) and fastai's (`SuggestionMethod`).
-A function with `uses_raw_curve = True` gets the whole raw curve, the others fastai's curve."""
+A function with `uses_step_ratio = True` (`edge`) gets the whole curve of step ratios (of the held-out loss
+relative to its start, on a held-out curve); the others get fastai's curve (smoothed, cut)."""
 
 
 def _suggester(suggest: str | Callable) -> tuple[str, Callable]:
