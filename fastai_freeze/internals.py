@@ -58,6 +58,7 @@ class LearnerSnapshot:
     _opt_hypers: list
     _frozen_idx: int
     _rng: tuple = field(repr=False)
+    _torch_opt: dict | None = field(default=None, repr=False)
 
 
 def _history(d: dict) -> dict:
@@ -86,7 +87,15 @@ def learner_snapshot(learn: Learner) -> LearnerSnapshot:
         copy.deepcopy(list(learn.opt.hypers)),
         getattr(learn.opt, "frozen_idx", 0),
         random_state(),
+        _torch_optimizer_state(learn.opt),
     )
+
+
+def _torch_optimizer_state(opt) -> dict | None:
+    """A copy of the state of the torch optimizer inside fastai's `OptimWrapper` (its hyper-parameters
+    are the torch optimizer's `param_groups`, its moments the torch optimizer's own `state`)."""
+    inner = getattr(opt, "opt", None)
+    return copy.deepcopy(inner.state_dict()) if isinstance(inner, torch.optim.Optimizer) else None
 
 
 def restore_learner(learn: Learner, snap: LearnerSnapshot) -> None:
@@ -110,6 +119,8 @@ def restore_learner(learn: Learner, snap: LearnerSnapshot) -> None:
         h.clear()
         h.update(h0)
     opt.frozen_idx = snap._frozen_idx
+    if snap._torch_opt is not None:  # OptimWrapper: the rates and moments live in the torch optimizer
+        opt.opt.load_state_dict(copy.deepcopy(snap._torch_opt))
     rec = getattr(learn, "recorder", None)
     if rec is not None and snap._recorder is not None:
         rec.__dict__.clear()

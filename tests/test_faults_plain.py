@@ -105,3 +105,25 @@ def test_an_unfreeze_epoch_past_the_fit_is_said(make_learner):
     with pytest.warns(UserWarning, match="unfreeze_epoch=3 in a fit of 2 epoch"):
         learn.fit_one_cycle(2, 1e-3, cbs=cb)
     assert any("the body is not unfrozen" in n for n in cb.record.notes) and len(cb.record.phases) == 1
+
+
+def test_range_test_gives_back_a_torch_optimizer_in_optimwrapper(make_learner):
+    "fastai's OptimWrapper keeps rates and moments in the torch optimizer: both come back after a sweep."
+    from functools import partial
+
+    from fastai.optimizer import OptimWrapper
+    from fastai_freeze import range_test
+    learn = make_learner(bs=4, opt_func=partial(OptimWrapper, opt=torch.optim.AdamW))
+    learn.fit(1, 3e-4)  # AdamW's moments exist
+    learn.unfreeze()
+    before = {k: v for k, v in learn.opt.opt.state_dict().items()}
+    rates = [g["lr"] for g in learn.opt.opt.param_groups]
+    moments = {i: {k: t.clone() for k, t in st.items()} for i, st in before["state"].items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rt = range_test(learn, RangeTest())
+    assert not rt.fell_back  # 24 batches: the sweep ran and stepped AdamW
+    assert [g["lr"] for g in learn.opt.opt.param_groups] == rates
+    after = learn.opt.opt.state_dict()["state"]
+    assert moments.keys() == after.keys()
+    assert all(torch.equal(t, after[i][k]) for i, st in moments.items() for k, t in st.items())
