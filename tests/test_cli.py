@@ -90,3 +90,13 @@ def test_compare_runs_end_to_end_on_the_real_network(tmp_path, capsys):
     assert "20 images in 2 classes; arch tf_efficientnet_lite0" in out and "| imgs | 4 |" in out
     assert "fine_tune_with on imgs, batch size 4 (seed 0): bn=" in out  # what auto chose and why
     assert (tmp_path / "out" / "table.md").exists() and (tmp_path / "out" / "comparison.png").exists()
+
+
+def test_dot_files_are_not_images_as_for_fastai(tmp_path):
+    "macOS `._x.png` resource forks and `.thumbnails/` are skipped, as fastai's get_image_files skips them."
+    from fastai.data.transforms import get_image_files
+    _two_classes(tmp_path)
+    (tmp_path / "a" / "._0.png").write_bytes(b"\x00\x05\x16\x07 not an image")
+    _img(tmp_path / "b" / ".thumbnails" / "0.png", "green")
+    layout = check_folder(tmp_path)
+    assert layout.n_images == 8 == len(get_image_files(tmp_path)) and layout.classes == ["a", "b"]

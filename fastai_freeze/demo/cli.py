@@ -22,7 +22,9 @@ class CLIError(ValueError):
 
 
 def _images(path: Path) -> list[Path]:
-    return sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    "The image files under `path`, skipping dot-files and dot-folders as fastai's `get_image_files` does."
+    return sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(path).parts))
 
 
 def _classes(root: Path, imgs: list[Path]) -> dict[str, int]:
