@@ -112,6 +112,7 @@ def test_range_test_gives_back_a_torch_optimizer_in_optimwrapper(make_learner):
     from functools import partial
 
     from fastai.optimizer import OptimWrapper
+
     from fastai_freeze import range_test
     learn = make_learner(bs=4, opt_func=partial(OptimWrapper, opt=torch.optim.AdamW))
     learn.fit(1, 3e-4)  # AdamW's moments exist
