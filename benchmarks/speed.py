@@ -187,7 +187,7 @@ def run_network(net, args) -> list[str]:
     overhead = interleaved({
         "plain frozen epoch": lambda: fit_time(plain_frozen),
         "+ BNPolicyCallback('train') + FineTuneCallback(bn='train')": lambda: fit_time(
-            with_cbs, [BNPolicyCallback("train"), FineTuneCallback(unfreeze_epoch=5, bn="train")]),
+            with_cbs, [BNPolicyCallback("train"), FineTuneCallback(freeze_epochs=5, bn="train")]),
         "plain unfrozen epoch": lambda: fit_time(plain),
         "+ WeightDiagnostics (every batch)": lambda: fit_time(diag, [WeightDiagnostics()]),
     }, args.repeats)

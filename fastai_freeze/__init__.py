@@ -29,7 +29,7 @@ from .features import cached_warmup
 from .policy import BNPolicy, BNPolicyCallback
 from .probe import RangeTest, range_test
 from .record import FineTuneRecord
-from .schedule import FineTuneCallback, Unfreeze
+from .schedule import FineTuneCallback, Gradual, Stop, Unfreeze
 from .strategies import run_named_strategy
 from .transfer import new_head_learner
 from .zoo import packaged_weights
@@ -38,7 +38,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     # fine-tuning schedules
-    "FineTuneCallback", "Unfreeze", "RangeTest", "range_test", "FineTuneRecord", "run_named_strategy",
+    "FineTuneCallback", "Unfreeze", "Gradual", "Stop", "RangeTest", "range_test", "FineTuneRecord", "run_named_strategy",
     # BatchNorm policies and the pure-PyTorch BN toolkit
     "BNPolicy", "BNPolicyCallback", "BNAffine", "fold_bn", "recalibrate_bn", "freeze_bn_layers", "bn_shift",
     "register_bn_layer", "fuse_conv_bn", "inference_model",

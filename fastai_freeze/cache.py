@@ -34,7 +34,11 @@ def cached_file(path: Path, build: Callable[[Path], None], check: Callable[[Path
         except Exception as e:  # noqa: BLE001 - any failure to read the file means: rebuild it
             warnings.warn(f"the cached file {path} is unreadable or wrong ({type(e).__name__}: {e}); "
                           "rebuilding it", stacklevel=3)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a folder should be, no permission
+        raise OSError(f"the cache folder {path.parent} cannot be created ({type(e).__name__}: {e.strerror or e}); "
+                      "set FASTAI_FREEZE_CACHE to a folder you can write to") from None
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:

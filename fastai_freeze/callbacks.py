@@ -7,6 +7,8 @@ every `TrackerCallback` does.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from fastai.callback.core import CancelFitException
 from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback, TrackerCallback
@@ -18,15 +20,39 @@ from .distrib import unwrap_model
 from .freeze import frozen_prefix
 from .internals import FitScopedCallback
 
-__all__ = ["UnfreezeOnPlateau", "StopAtTarget", "FrozenPrefix"]
+__all__ = ["PlateauTracker", "UnfreezeOnPlateau", "StopAtTarget", "FrozenPrefix"]
 
 
-class UnfreezeOnPlateau(EarlyStoppingCallback):
+class PlateauTracker(TrackerCallback):
+    """fastai's `TrackerCallback` counting the epochs since `monitor` last improved by more than
+    `min_delta` (`wait`, as `EarlyStoppingCallback` counts them): `plateaued` once that is `patience`.
+    The one plateau rule of the library (`UnfreezeOnPlateau`, `FineTuneCallback`)."""
+
+    def __init__(self, monitor: str = "valid_loss", comp=None, min_delta: float = 0.0, patience: int = 1,
+                 reset_on_fit: bool = True):
+        super().__init__(monitor=monitor, comp=comp, min_delta=min_delta, reset_on_fit=reset_on_fit)
+        self.patience = patience
+
+    def before_fit(self):
+        self.wait = 0
+        super().before_fit()
+
+    def after_epoch(self):
+        super().after_epoch()
+        self.wait = 0 if self.new_best else self.wait + 1
+
+    @property
+    def plateaued(self) -> bool:
+        return self.wait >= self.patience
+
+
+class UnfreezeOnPlateau(PlateauTracker):
     """Ends a (warm-up) fit once `monitor` has not improved by `min_delta` for `patience` epochs.
 
-    fastai's `EarlyStoppingCallback` with the epoch it stopped after kept in `stopped_epoch` (None
-    when the fit ran to its end) and no message printed: what follows is an unfreeze, not the end.
+    As fastai's `EarlyStoppingCallback`, with the epoch it stopped after kept in `stopped_epoch`
+    (None when the fit ran to its end) and no message printed: what follows is an unfreeze, not the end.
     """
+    order = EarlyStoppingCallback.order
     _pause_in_probe = True
 
     def before_fit(self):
@@ -34,9 +60,8 @@ class UnfreezeOnPlateau(EarlyStoppingCallback):
         super().before_fit()
 
     def after_epoch(self):
-        TrackerCallback.after_epoch(self)
-        self.wait = 0 if self.new_best else self.wait + 1
-        if self.wait >= self.patience:
+        super().after_epoch()
+        if self.plateaued:
             self.stopped_epoch = self.epoch + 1
             raise CancelFitException()
 
@@ -93,16 +118,47 @@ def _fixed_function(modules: list[nn.Module]) -> bool:
 _DROPOUTS: tuple[type, ...] = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 
-def _no_grad(fn):
-    "`fn` run without autograd (a context manager: the grad mode comes back whatever happens)."
-    def forward(*args, **kwargs):
-        with torch.no_grad():
-            return fn(*args, **kwargs)
-    return forward
-
-
 def _identity(x, *args, **kwargs):
     return x
+
+
+def _tensors(modules: list[nn.Module]) -> list[torch.Tensor]:
+    return [t for m in modules for t in (*m.parameters(), *m.buffers())]
+
+
+def _versions(tensors: list[torch.Tensor]) -> tuple[int, ...]:
+    "The in-place version counters of weights and buffers: any write (a `load`) changes one."
+    return tuple(t._version for t in tensors)
+
+
+def _own_forward(module: nn.Module):
+    "The module's own forward (what a pickled patch becomes: nothing of the fast path survives a copy)."
+    return type(module).forward.__get__(module)
+
+
+class _PrefixForward:
+    """The forward `FrozenPrefix` gives a prefix module for one training epoch: `fn` without autograd.
+
+    Called outside that epoch (an interrupt left it: the Learner validates or predicts, or the
+    weights were loaded since), it takes itself off and runs the module's own forward, so nothing
+    stale ever answers. It pickles as the module's own forward.
+    """
+
+    def __init__(self, owner: FrozenPrefix, module: nn.Module, fn):
+        self.owner, self.module, self.fn = weakref.ref(owner), module, fn
+
+    def __call__(self, *args, **kwargs):
+        owner = self.owner()
+        if owner is None or not owner.current(self):
+            if owner is not None:
+                owner.remove()  # every patch of the prefix: the modules after this one compute again
+            self.module.__dict__.pop("forward", None)
+            return self.module.forward(*args, **kwargs)
+        with torch.no_grad():
+            return self.fn(*args, **kwargs)
+
+    def __reduce__(self):
+        return _own_forward, (self.module,)
 
 
 class FrozenPrefix(FitScopedCallback):
@@ -124,6 +180,16 @@ class FrozenPrefix(FitScopedCallback):
         self.inference_copy = inference_copy
         self._patched: list[nn.Module] = []
         self._key, self._copy, self.mode = None, None, "off"
+        self._weights: tuple = ()
+        self._tensors: list = []
+
+    def current(self, patch: _PrefixForward) -> bool:
+        "Whether `patch` belongs to the training epoch in progress, on the weights it was made for."
+        learn = self.__dict__.get("learn")
+        if learn is None or not getattr(learn, "training", False) or patch.module not in self._patched:
+            return False
+        first = patch.module is self._patched[0]  # called first: it answers for the whole prefix
+        return not first or self.mode != "inference copy" or _versions(self._tensors) == self._weights
 
     def before_train(self):
         self.remove()
@@ -133,19 +199,19 @@ class FrozenPrefix(FitScopedCallback):
             return
         hooked = any(m._forward_hooks or m._forward_pre_hooks for mod in prefix for m in mod.modules())
         if self.inference_copy and _fixed_function(prefix) and not hooked:
-            key = tuple(id(m) for m in prefix) + tuple(t._version for m in prefix for t in m.state_dict().values())
+            key = tuple(id(m) for m in prefix) + _versions(_tensors(prefix))
             if key != self._key:
                 self._copy = inference_model(nn.Sequential(*prefix), channels_last=True)[0]
                 self._key = key
             self.mode = "inference copy"
-            prefix[0].forward = _no_grad(self._copy)
-            for m in prefix[1:]:
-                m.forward = _identity
+            fns = [self._copy] + [_identity] * (len(prefix) - 1)
         else:
             self.mode = "no grad"
-            for m in prefix:
-                m.forward = _no_grad(type(m).forward.__get__(m))
-        self._patched = prefix
+            fns = [_own_forward(m) for m in prefix]
+        for m, fn in zip(prefix, fns):
+            m.forward = _PrefixForward(self, m, fn)
+        self._patched, self._tensors = prefix, _tensors(prefix)
+        self._weights = _versions(self._tensors)
 
     def after_train(self):
         self.remove()
@@ -161,4 +227,8 @@ class FrozenPrefix(FitScopedCallback):
         "Give the prefix modules their own forward back."
         for m in self._patched:
             m.__dict__.pop("forward", None)
-        self._patched = []
+        self._patched, self._tensors = [], []
+
+    def __getstate__(self):
+        "Pickled (`learn.export` of a Learner that keeps it) without the epoch's patch and fused copy."
+        return {**super().__getstate__(), "_patched": [], "_key": None, "_copy": None, "_weights": (), "_tensors": []}

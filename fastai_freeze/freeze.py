@@ -14,8 +14,9 @@ from fastcore.foundation import L
 from torch import nn
 
 from .core.bn import bn_layers, bn_parameters
+from .internals import frozen_count, frozen_groups, set_frozen_count
 
-__all__ = ["check_splittable", "body_bn_layers", "head_bn_layers", "set_frozen_bn_trainable", "frozen_state",
+__all__ = ["param_groups", "check_splittable", "body_bn_layers", "head_bn_layers", "set_frozen_bn_trainable", "frozen_state",
            "trainable_groups", "BNSplitter", "rebuild_optimizer", "frozen_prefix", "staged_splitter"]
 
 _SPLITTER_HINT = (
@@ -24,15 +25,21 @@ _SPLITTER_HINT = (
     "(vision_learner and cnn_learner set one for you).")
 
 
-def check_splittable(learn: Learner) -> None:
-    "Raise `ValueError` when the Learner's optimizer has fewer than two parameter groups."
-    if learn.opt is None:
-        learn.create_opt()
-    n = len(learn.opt.param_lists)
+def param_groups(learn: Learner) -> list[list[nn.Parameter]]:
+    "The optimizer's parameter groups, or those its splitter will give (nothing is created)."
+    if learn.opt is not None:
+        return [list(pg) for pg in learn.opt.param_lists]
+    return _groups(learn.splitter(learn.model))
+
+
+def check_splittable(learn: Learner) -> int:
+    "The parameter group count; `ValueError` when there are fewer than two (no body apart from the head)."
+    n = len(param_groups(learn))
     if n < 2:
         raise ValueError(
             f"this Learner's model has {n} parameter group: there is no body to freeze apart from the "
             f"head (fastai's freeze() would silently freeze nothing). {_SPLITTER_HINT}")
+    return n
 
 
 def _groups(split) -> list[list[nn.Parameter]]:
@@ -72,9 +79,7 @@ def head_bn_layers(model: nn.Module, head_params: Sequence[nn.Parameter]) -> lis
 
 def frozen_state(learn: Learner) -> list[tuple[int, int]]:
     "Per optimizer group: (trainable parameter count, total parameter count)."
-    if learn.opt is None:
-        learn.create_opt()
-    return [(sum(p.requires_grad for p in pg), len(pg)) for pg in learn.opt.param_lists]
+    return [(sum(p.requires_grad for p in pg), len(pg)) for pg in param_groups(learn)]
 
 
 def trainable_groups(learn: Learner) -> list[str]:
@@ -97,7 +102,7 @@ def set_frozen_bn_trainable(learn: Learner, trainable: bool) -> list[nn.Paramete
 
     Returns those parameters. The head's groups are not touched.
     """
-    frozen = {id(p) for pg in learn.opt.param_lists[:learn.opt.frozen_idx] for p in pg}
+    frozen = {id(p) for pg in frozen_groups(learn) for p in pg}
     out = [p for _, m in bn_layers(learn.model) for p in m.parameters(recurse=False) if id(p) in frozen]
     for p in out:
         p.requires_grad_(trainable)
@@ -163,7 +168,7 @@ def rebuild_optimizer(learn: Learner) -> None:
     for p, st in old.state.items():
         if id(p) in survivors and st:
             new.state[p] = {**new.state.get(p, {}), **st}
-    new.frozen_idx = getattr(old, "frozen_idx", 0)
+    set_frozen_count(new, frozen_count(old))
 
 
 def _size(m: nn.Module, ids: set[int]) -> int:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.progress import ProgressCallback
@@ -25,7 +26,8 @@ __all__ = ["LEARNER_ATTRS", "RECORDER_ATTRS", "learner_attributes", "LearnerSnap
            "restore_learner", "FitScopedCallback", "paused_callbacks", "belongs_to_fit", "unwrap_distributed_dls", "distributed_trainer_class",
            "ResumedSchedule", "scheduler_of", "group_lrs", "probe_callbacks", "shielded_callbacks",
            "set_schedule_position", "in_order", "follow_norm_rules",
-           "one_process_view"]
+           "one_process_view", "frozen_count", "set_frozen_count", "frozen_groups", "scheduled_peak",
+           "resume_schedule"]
 
 LEARNER_ATTRS = frozenset({
     "_metrics", "cbs", "create_mbar", "default_cbs", "dl", "dls", "epoch", "final_record",
@@ -277,6 +279,42 @@ def one_process_view() -> Iterator[None]:
 def set_schedule_position(sched: ParamScheduler, pos: float) -> None:
     "Set a `ParamScheduler`'s hyper-parameters to their values at `pos` in [0, 1] of its schedule."
     sched._update_val(pos)
+
+
+def frozen_count(opt) -> int:
+    "How many leading parameter groups fastai's optimizer holds frozen (`freeze_to` keeps it in `frozen_idx`)."
+    return getattr(opt, "frozen_idx", 0) if opt is not None else 0
+
+
+def set_frozen_count(opt, n: int) -> None:
+    "Record `n` leading frozen groups in fastai's optimizer (after it was rebuilt), as `freeze_to` does."
+    opt.frozen_idx = n
+
+
+def frozen_groups(learn: Learner) -> list:
+    "The parameter lists of the optimizer's frozen groups (fastai's `freeze_to`)."
+    return list(learn.opt.param_lists[:frozen_count(learn.opt)]) if learn.opt is not None else []
+
+
+def scheduled_peak(learn: Learner, name: str = "lr") -> list[float] | None:
+    """The highest value per group that the running fit's `ParamScheduler` gives `name` over the fit
+    (fit_one_cycle's peak, not its start), or None when no schedule sets it."""
+    sched = scheduler_of(learn)
+    if sched is None or name not in sched.scheds:
+        return None
+    n = len(learn.opt.hypers)
+    vals = [np.atleast_1d(np.asarray(sched.scheds[name](p), dtype=float)) for p in np.linspace(0, 1, 101)]
+    return list(np.broadcast_to(np.max(vals, axis=0), (n,)).astype(float))
+
+
+def resume_schedule(learn: Learner, name: str, fn: Callable, start: float) -> bool:
+    """Replace the running fit's schedule of `name` by `fn` run over `[start, 1]` of the fit (a new
+    cycle mid-fit); False when the fit has no `ParamScheduler` (plain `fit`)."""
+    sched = scheduler_of(learn)
+    if sched is None:
+        return False
+    sched.scheds[name] = ResumedSchedule(fn, start)
+    return True
 
 
 def unwrap_distributed_dls(learn: Learner) -> list:

@@ -50,10 +50,10 @@ from .freeze import (
     rebuild_optimizer,
     set_frozen_bn_trainable,
 )
-from .internals import FitScopedCallback, follow_norm_rules, in_order
+from .internals import FitScopedCallback, follow_norm_rules, frozen_groups, in_order
 
 __all__ = ["BNPolicy", "BNDecision", "check_freeze_bn", "choose_bn_policy", "decide_bn_policy",
-           "apply_bn_decision", "check_batch_size", "BNPolicyKeeper", "BNPolicyCallback", "PROBE_SAMPLES", "MIN_BN_BATCH",
+           "apply_bn_decision", "check_batch_size", "BNPolicyCallback", "learner_body_bn", "PROBE_SAMPLES", "MIN_BN_BATCH",
            "policy_freezes_bn"]
 
 PROBE_SAMPLES = 128
@@ -165,6 +165,14 @@ def _head_params(learn: Learner) -> list[nn.Parameter]:
     return list(learn.opt.param_lists[-1]) if learn.opt is not None else _groups(learn.splitter(learn.model))[-1]
 
 
+def learner_body_bn(learn: Learner, with_stats: bool = False) -> list[nn.Module]:
+    """The body's BN layers: those with no parameter in the head group (`body_bn_layers`), the one
+    answer every part of the library uses; `with_stats`: only those with running statistics."""
+    head = _head_params(learn)
+    return [m for _, m in body_bn_layers(unwrap_model(learn.model), head)
+            if not with_stats or getattr(m, "running_mean", None) is not None]
+
+
 def _body(learn: Learner) -> nn.Module | None:
     "The body of a `Sequential(body, head)` model (vision_learner, new_head_learner), else None."
     m = unwrap_model(learn.model)
@@ -184,9 +192,7 @@ def decide_bn_policy(learn: Learner, policy: str | BNPolicy = "auto", freeze_bn:
         check_freeze_bn(pol, freeze_bn)
     check_batch_size(learn, pol)
     bs = getattr(learn.dls.train, "bs", None)
-    model = unwrap_model(learn.model)
-    body_bns = [m for _, m in body_bn_layers(model, _head_params(learn))
-                if getattr(m, "running_mean", None) is not None]
+    body_bns = learner_body_bn(learn, with_stats=True)
     if not body_bns:
         left = "" if pol in (BNPolicy.AUTO, BNPolicy.TRAIN) else f" bn='{pol.value}'"
         return BNDecision(BNPolicy.TRAIN if pol is BNPolicy.AUTO else pol, bool(freeze_bn),
@@ -224,7 +230,7 @@ def apply_bn_decision(learn: Learner, decision: BNDecision, max_batches: int | N
         learn.create_opt()
     t0 = time.perf_counter()
     model = unwrap_model(learn.model)
-    body = [m for _, m in body_bn_layers(model, _head_params(learn))]
+    body = learner_body_bn(learn)
     bs = getattr(learn.dls.train, "bs", None)
     small = bs is not None and bs < MIN_BN_BATCH
     head = ([m for _, m in head_bn_layers(model, _head_params(learn)) if getattr(m, "running_mean", None) is not None]
@@ -260,73 +266,18 @@ def _folded_follow_norm_rules(learn: Learner, decision: BNDecision) -> None:
     follow_norm_rules(learn, params, trainable=not decision.freeze_bn)
 
 
-class BNPolicyKeeper:
-    """Applies a decision once and keeps it through fits: the state behind `BNPolicyCallback`, also
-    driven by `FineTuneCallback`. `setup()` at the start of a fit, `before_train()` after fastai's
-    `model.train()` each epoch, `restore()` when the fit ends (also after an error)."""
-
-    def __init__(self, learn: Learner, policy: BNPolicy, freeze_bn: bool | None, recalibration_batches: int | None):
-        self.learn, self.policy, self.freeze_bn = learn, policy, freeze_bn
-        self.recalibration_batches = recalibration_batches
-        self.decision: BNDecision | None = None
-        self.applied = False
-        self._eval_layers: list = []
-        self._grad_flags: dict = {}
-
-    def resolve(self) -> BNDecision:
-        "Decide (once) and carry out the model change; later calls return the same decision."
-        if self.decision is None:
-            self.decision = decide_bn_policy(self.learn, self.policy, self.freeze_bn)
-        if not self.applied:
-            self.decision.details.append(apply_bn_decision(self.learn, self.decision, self.recalibration_batches))
-            self.applied = True
-        return self.decision
-
-    def _body_bn(self) -> list[nn.Module]:
-        return [m for _, m in body_bn_layers(unwrap_model(self.learn.model), _head_params(self.learn))]
-
-    def setup(self) -> None:
-        self.resolve()
-        _folded_follow_norm_rules(self.learn, self.decision)  # the optimizer may have been created anew
-        self._eval_layers, self._grad_flags = [], {}
-        if self.decision.policy is BNPolicy.FROZEN:
-            # BN params of the frozen groups stay frozen whatever `train_bn` made of them
-            frozen = {id(p) for pg in self.learn.opt.param_lists[:self.learn.opt.frozen_idx] for p in pg}
-            for m in self._body_bn():
-                for p in m.parameters(recurse=False):
-                    if id(p) in frozen:
-                        self._grad_flags[p] = p.requires_grad
-                        p.requires_grad_(False)
-
-    def before_train(self) -> None:
-        if self.decision is not None and self.decision.policy is BNPolicy.FROZEN:
-            # looked up every epoch: fastai's distrib_ctx may have swapped them for SyncBatchNorm copies
-            self._eval_layers = self._body_bn()
-            for m in self._eval_layers:
-                m.eval()
-
-    def restore(self) -> None:
-        "Give the BN layers the mode of the rest of the model and the flags changed back."
-        mode = self.learn.model.training
-        for m in self._eval_layers:
-            m.train(mode)
-        for p, flag in self._grad_flags.items():
-            if not p.requires_grad:  # still as `setup` left it (an unfreeze since then stands)
-                p.requires_grad_(flag)
-        self._eval_layers, self._grad_flags = [], {}
-
-
 class BNPolicyCallback(FitScopedCallback):
-    """Apply a BN policy for a fit and keep it across epochs.
+    """Apply a BN policy for a fit and keep it across epochs: the one owner of a policy's state.
 
     Use it as a drop-in (`learn.fit_one_cycle(5, cbs=BNPolicyCallback('frozen'))`) or set it on
-    the Learner with `learn.apply_bn_policy(...)`. `fold`/`adapt` change the model before the first
-    batch and rebuild the optimizer (fastai builds it before `before_fit`); `frozen` puts the body's
-    BN layers back in eval mode after fastai's `model.train()` every epoch and, when the fit ends
-    however it ends (an error or a Ctrl-C included, see `FitScopedCallback`), gives them the mode of
-    the rest of the model and their `requires_grad` flags back. A fit without an optimizer
-    (`get_preds` on a loaded Learner) needs nothing from it. A range test run inside a fit (by
-    `FineTuneCallback`) keeps the outer fit's set-up.
+    the Learner with `learn.apply_bn_policy(...)`; `fine_tune_with` and `FineTuneCallback` use the
+    Learner's when it has one, else one of their own for their run, and read its `decision`.
+    `fold`/`adapt` change the model once, before the first batch, and rebuild the optimizer (fastai
+    builds it before `before_fit`); `frozen` puts the body's BN layers back in eval mode after
+    fastai's `model.train()` every epoch and, when the fit ends however it ends (an error or a
+    Ctrl-C included, see `FitScopedCallback`), gives them the mode of the rest of the model and
+    their `requires_grad` flags back. A fit without an optimizer (`get_preds` on a loaded Learner)
+    needs nothing from it. A range test run inside a fit keeps the outer fit's set-up.
     """
     order = TrainEvalCallback.order + 1  # after fastai's model.train() in before_train
 
@@ -335,26 +286,35 @@ class BNPolicyCallback(FitScopedCallback):
         self.policy = BNPolicy.parse(policy)
         if self.policy is not BNPolicy.AUTO:
             check_freeze_bn(self.policy, freeze_bn)
+        elif freeze_bn is not None and not isinstance(freeze_bn, bool):
+            raise TypeError(f"freeze_bn must be True, False or None, got {freeze_bn!r}")
         self.freeze_bn, self.recalibration_batches = freeze_bn, recalibration_batches
-        self.keeper: BNPolicyKeeper | None = None
+        self.decision: BNDecision | None = None
+        self._applied = False  # the decision's model change is done
         self._active = False  # set up by a fit that has not ended yet
         self._nested = 0  # range tests running inside that fit
+        self._eval_layers: list = []
+        self._grad_flags: dict = {}
 
-    @classmethod
-    def for_keeper(cls, keeper: BNPolicyKeeper) -> BNPolicyCallback:
-        "A callback that keeps `keeper`'s decision through the fits it is added to."
-        cb = cls(keeper.policy, keeper.freeze_bn, keeper.recalibration_batches)
-        cb.keeper = keeper
-        return cb
+    def resolve(self, learn: Learner | None = None) -> BNDecision:
+        "Decide (once) and carry out the model change (once); later calls return the same decision."
+        learn = learn if learn is not None else self.learn
+        if self.decision is None:
+            self.decision = decide_bn_policy(learn, self.policy, self.freeze_bn)
+        if not self._applied:
+            self.decision.details.append(apply_bn_decision(learn, self.decision, self.recalibration_batches))
+            self._applied = True
+        return self.decision
 
-    @property
-    def decision(self) -> BNDecision | None:
-        return self.keeper.decision if self.keeper is not None else None
-
-    def resolve(self) -> BNDecision:
-        if self.keeper is None:
-            self.keeper = BNPolicyKeeper(self.learn, self.policy, self.freeze_bn, self.recalibration_batches)
-        return self.keeper.resolve()
+    def conflicts_with(self, policy: BNPolicy, freeze_bn: bool | None) -> str | None:
+        "Why asking for `policy`/`freeze_bn` contradicts this policy (None: it does not; 'auto' never does)."
+        mine = {self.policy} | ({self.decision.policy} if self.decision is not None else set())
+        if policy is not BNPolicy.AUTO and policy not in mine:
+            return f"bn='{policy}' against this Learner's bn='{self.policy}'"
+        frozen = self.decision.freeze_bn if self.decision is not None else self.freeze_bn
+        if freeze_bn is not None and frozen is not None and freeze_bn != frozen:
+            return f"freeze_bn={freeze_bn} against this Learner's freeze_bn={frozen}"
+        return None
 
     def before_fit(self):
         if self._active and hasattr(self.learn, "lr_finder"):
@@ -364,12 +324,24 @@ class BNPolicyCallback(FitScopedCallback):
         if self.learn.opt is None:
             return
         self.resolve()
-        self.keeper.setup()
+        _folded_follow_norm_rules(self.learn, self.decision)  # the optimizer may have been created anew
+        self._eval_layers, self._grad_flags = [], {}
+        if self.decision.policy is BNPolicy.FROZEN:
+            # BN params of the frozen groups stay frozen whatever `train_bn` made of them
+            frozen = {id(p) for pg in frozen_groups(self.learn) for p in pg}
+            for m in learner_body_bn(self.learn):
+                for p in m.parameters(recurse=False):
+                    if id(p) in frozen:
+                        self._grad_flags[p] = p.requires_grad
+                        p.requires_grad_(False)
         self._active = True
 
     def before_train(self):
-        if self.keeper is not None:
-            self.keeper.before_train()
+        if self._active and self.decision.policy is BNPolicy.FROZEN:
+            # looked up every epoch: fastai's distrib_ctx may have swapped them for SyncBatchNorm copies
+            self._eval_layers = learner_body_bn(self.learn)
+            for m in self._eval_layers:
+                m.eval()
 
     def after_fit(self):  # fastai calls it after a cancelled fit too
         if self._nested:
@@ -378,8 +350,16 @@ class BNPolicyCallback(FitScopedCallback):
             self.cleanup()
 
     def cleanup(self) -> None:
-        if self._active and self.keeper is not None:
-            self.keeper.restore()
+        "Give the BN layers the mode of the rest of the model and the flags changed for the fit back."
+        if self._active:
+            mode = self.learn.model.training if self.learn is not None else None
+            for m in self._eval_layers:
+                if mode is not None:
+                    m.train(mode)
+            for p, flag in self._grad_flags.items():
+                if not p.requires_grad:  # still as `before_fit` left it (an unfreeze since then stands)
+                    p.requires_grad_(flag)
+        self._eval_layers, self._grad_flags = [], {}
         self._active, self._nested = False, 0
 
 
@@ -402,12 +382,13 @@ def freeze_body(self: Learner, freeze_bn: bool | None = None, n: int = -1) -> li
     """
     if freeze_bn is not None and not isinstance(freeze_bn, bool):
         raise TypeError(f"freeze_bn must be True, False or None, got {freeze_bn!r}")
-    check_splittable(self)
-    ngroups = len(self.opt.param_lists)
+    ngroups = check_splittable(self)
     if not isinstance(n, int) or not -ngroups < n < ngroups or n == 0:
         raise ValueError(f"n={n!r}: pick a group index that leaves at least one group trainable and one "
                          f"frozen, between 1 and {ngroups - 1} (or -1 for 'all but the head')")
     freeze_bn = policy_freezes_bn(self) if freeze_bn is None else freeze_bn
+    if self.opt is None:
+        self.create_opt()  # as fastai's freeze_to does
     self.opt.freeze_to(n)
     set_frozen_bn_trainable(self, not freeze_bn)
     self.opt.clear_state()

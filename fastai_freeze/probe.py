@@ -279,16 +279,11 @@ class _Sweep(ParamScheduler):
         self.learn.opt.zero_grad()
 
 
-def _result(method: str, lr: float, *, fell_back: bool = False, reason: str = "", curve: str = "",
-            seconds: float = 0.0, point=None, lrs=(), losses=(), full_lrs=(), full_losses=()) -> RangeTestResult:
-    return RangeTestResult(list(lrs), list(losses), method, float(lr), point, fell_back, reason, list(full_lrs),
-                           list(full_losses), seconds, curve)
-
-
-def _fallback(name: str, reason: str, fallback_lr: float, **kw) -> RangeTestResult:
+def _fallback(method: str, reason: str, fallback_lr: float, **curve) -> RangeTestResult:
     "The fallback result; the warning and the record give the same reason."
     warnings.warn(f"range test not used: {reason}; fastai's rule instead, lr={fallback_lr:g}", stacklevel=3)
-    return _result(name, fallback_lr, fell_back=True, reason=reason, **kw)
+    return RangeTestResult(method=method, suggestion=fallback_lr, point=None, fell_back=True, reason=reason,
+                           **{"lrs": [], "losses": [], **curve})
 
 
 def _check_args(config, lr_mult, fallback_lr) -> None:
@@ -331,6 +326,65 @@ def _sweep(learn: Learner, config: RangeTest, num_it: int, ratios: np.ndarray, h
     return broadcast_object(out)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    "Which curve a range test measures, for how many iterations, read by which suggestion."
+    method: str
+    suggest: Callable
+    num_it: int
+    curve: str
+    held: tuple | None = None
+
+    @property
+    def whole(self) -> bool:
+        "The suggestion reads the whole curve, of step ratios (`edge`), not fastai's cut smoothed loss."
+        return bool(getattr(self.suggest, "uses_step_ratio", False))
+
+
+def _plan(learn: Learner, config: RangeTest, n_batches: int) -> _Plan | str:
+    "The plan for this training set, or why there is none (the fallback's reason)."
+    num_it = config.iterations(n_batches)
+    if num_it is not None:
+        return _Plan(*_suggester(config.suggest), num_it, "training loss")
+    why = (f"{n_batches} training batches per epoch, fewer than the {config.min_batches} new batches a curve needs"
+           if config.num_it is None else
+           f"{config.num_it} iterations would go over the {n_batches}-batch training set "
+           f"{config.num_it / n_batches:.1f} times (repeated images make the loss fall at any rate)")
+    if config.small_data == "fastai":
+        return why
+    with kept_random_state():  # a new DataLoader draws its seed from the global generator
+        held = held_out_batch(learn, config.held_out)
+    if held is None:
+        return f"{why}, and no validation images for a held-out curve"
+    return _Plan(*_suggester(config.held_out_suggest), config.held_out_it, "held-out loss", held)
+
+
+def _read(plan: _Plan, full_lrs: list, values: list) -> tuple[dict, str, float | None, tuple | None]:
+    """The curve the suggestion sees and what it suggests: `(curve fields, reason it failed or '', lr, point)`."""
+    curve = plan.curve
+    if plan.whole and plan.held is not None and values and values[0] > 0:
+        # edge reads ratios: the held-out loss relative to its value after the first (lowest) rate
+        values, curve = [v / values[0] for v in values], "held-out loss, relative to the first rate's"
+    cut = slice(None) if plan.whole else slice(plan.num_it // 10, -5)  # fastai's lr_find cut
+    lrs, losses = torch.tensor(full_lrs[cut]), torch.tensor(values[cut])
+    bad = torch.nonzero(~torch.isfinite(losses.view(-1)))
+    if len(bad):
+        lrs, losses = lrs[:int(bad.min())], losses[:int(bad.min())]
+    fields = dict(curve=curve, lrs=lrs.tolist(), losses=losses.tolist())
+    if len(losses) < 5:
+        how = ("became NaN or infinite" if len(bad) else
+               f"diverged at once (stopped after {len(full_lrs)} of {plan.num_it} iterations)")
+        return fields, f"the loss {how}, leaving {len(losses)} usable points", None, None
+    try:
+        lr, point = plan.suggest(lrs, losses, plan.num_it)
+        lr = float(lr)
+    except Exception as e:  # noqa: BLE001 - a suggester failing on an odd curve is a fallback case
+        return fields, f"the {plan.method} suggestion failed on this curve ({type(e).__name__}: {e})", None, None
+    if not math.isfinite(lr) or lr <= 0:
+        return fields, f"the {plan.method} suggestion was {lr}", None, None
+    return fields, "", lr, (float(point[0]), float(point[1])) if point is not None else None
+
+
 def range_test(learn: Learner, config: RangeTest = RangeTest(), lr_mult: float | None = None,
                fallback_lr: float = DEFAULT_FALLBACK_LR) -> RangeTestResult:
     """Run a range test on the Learner as it is now (frozen or not); everything is restored after.
@@ -351,58 +405,17 @@ def range_test(learn: Learner, config: RangeTest = RangeTest(), lr_mult: float |
         raise ValueError("range test: the training DataLoader yields no batch (batch size larger than the "
                          "training set with drop_last?)")
     fallback_lr = float(fallback_lr)
-    held, num_it = None, config.iterations(n_batches)
-    if num_it is not None:
-        name, func = _suggester(config.suggest)
-        curve = "training loss"
-    else:
-        name, func = _suggester(config.held_out_suggest)
-        num_it, curve = config.held_out_it, "held-out loss"
-        why = (f"{n_batches} training batches per epoch, fewer than the {config.min_batches} new batches a curve needs"
-               if config.num_it is None else
-               f"{config.num_it} iterations would go over the {n_batches}-batch training set "
-               f"{config.num_it / n_batches:.1f} times (repeated images make the loss fall at any rate)")
-        if config.small_data == "fastai":
-            return _fallback(name, why, fallback_lr)
-        with kept_random_state():  # a new DataLoader draws its seed from the global generator
-            held = held_out_batch(learn, config.held_out)
-        if held is None:
-            return _fallback(name, f"{why}, and no validation images for a held-out curve", fallback_lr)
+    plan = _plan(learn, config, n_batches)
+    if isinstance(plan, str):
+        return _fallback(_suggester(config.held_out_suggest)[0], plan, fallback_lr)
     if learn.opt is None:
         learn.create_opt()
     n_groups = len(learn.opt.param_lists)
     ratios = np.array(even_mults(1 / lr_mult, 1.0, n_groups)) if lr_mult and n_groups > 1 else np.ones(n_groups)
     t0 = time.perf_counter()
-    whole = bool(getattr(func, "uses_step_ratio", False))  # edge: the whole curve, of step ratios when paired
-    full_lrs, raw, curve_values = _sweep(learn, config, num_it, ratios, held, whole)
-    if whole and held is not None and curve_values and curve_values[0] > 0:
-        # edge reads ratios: the held-out loss relative to its value after the first (lowest) rate
-        curve_values = [v / curve_values[0] for v in curve_values]
-        curve = "held-out loss, relative to the first rate's"
-    seconds = time.perf_counter() - t0
-    if whole:
-        lrs, losses = torch.tensor(full_lrs), torch.tensor(curve_values)
-    else:  # fastai's lr_find cut: the first tenth and the last five points
-        lrs, losses = torch.tensor(full_lrs[num_it // 10:-5]), torch.tensor(curve_values[num_it // 10:-5])
-    bad = torch.nonzero(~torch.isfinite(losses.view(-1)))
-    if len(bad):
-        lrs, losses = lrs[:int(bad.min())], losses[:int(bad.min())]
-    reason, lr, point = "", None, None
-    if len(losses) < 5:
-        how = ("became NaN or infinite" if len(bad) else
-               f"diverged at once (stopped after {len(raw)} of {num_it} iterations)")
-        reason = f"the loss {how}, leaving {len(losses)} usable points"
-    else:
-        try:
-            lr, point = func(lrs, losses, num_it)
-            lr = float(lr)
-            if not math.isfinite(lr) or lr <= 0:
-                reason = f"the {name} suggestion was {lr}"
-        except Exception as e:  # noqa: BLE001 - a suggester failing on an odd curve is a fallback case
-            reason = f"the {name} suggestion failed on this curve ({type(e).__name__}: {e})"
-    curve_kw = dict(curve=curve, seconds=seconds, lrs=lrs.tolist(), losses=losses.tolist(), full_lrs=full_lrs,
-                    full_losses=raw)
+    full_lrs, raw, values = _sweep(learn, config, plan.num_it, ratios, plan.held, plan.whole)
+    fields, reason, lr, point = _read(plan, full_lrs, values)
+    fields.update(seconds=time.perf_counter() - t0, full_lrs=list(full_lrs), full_losses=list(raw))
     if reason:
-        return _fallback(name, reason, fallback_lr, **curve_kw)
-    pt = (float(point[0]), float(point[1])) if point is not None else None
-    return _result(name, lr, point=pt, **curve_kw)
+        return _fallback(plan.method, reason, fallback_lr, **fields)
+    return RangeTestResult(method=plan.method, suggestion=lr, point=point, **fields)

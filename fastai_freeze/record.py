@@ -66,9 +66,25 @@ class FineTuneRecord:
     "Everything a fine-tuning run decided; `print(record)` for the table, `plot()` for the curves."
     bn: BNDecision | None = None
     phases: list[PhaseRecord] = field(default_factory=list)
-    unfroze_at_epoch: int | None = None
-    unfreeze_reason: str = ""
     notes: list[str] = field(default_factory=list)
+
+    def _warm_up(self) -> PhaseRecord | None:
+        "The warm-up phase, if a phase with more of the body trainable followed it."
+        if len(self.phases) > 1 and self.phases[0].name == "warm-up":
+            return self.phases[0]
+        return None
+
+    @property
+    def unfroze_at_epoch(self) -> int | None:
+        "The epoch after which the body was unfrozen (None: it was not, or there was no warm-up)."
+        w = self._warm_up()
+        return w.epochs_run if w is not None else None
+
+    @property
+    def unfreeze_reason(self) -> str:
+        "Why the warm-up ended when it did ('' when the body was not unfrozen)."
+        w = self._warm_up()
+        return w.end_reason if w is not None else ""
 
     @property
     def bn_seconds(self) -> float:

@@ -6,6 +6,7 @@ fastai fits, one phase per fit.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from fastai.learner import Learner, Recorder
 from torch import nn
 
 from .freeze import trainable_groups
-from .probe import RangeTest
+from .probe import RangeTest, _is_number
 from .record import FineTuneRecord, PhaseRecord
 
 __all__ = ["Strategy", "STRATEGIES", "run_named_strategy"]
@@ -135,6 +136,8 @@ def run_named_strategy(learn: Learner, name: str, epochs: int = 4, freeze_epochs
     "Train `learn` with the strategy `name` (see `STRATEGIES`); returns its record."
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}: use one of {', '.join(STRATEGIES)}")
-    if epochs < 1 or freeze_epochs < 0:
-        raise ValueError(f"epochs must be >= 1 and freeze_epochs >= 0, got {epochs} and {freeze_epochs}")
-    return STRATEGIES[name].run(learn, epochs, freeze_epochs)
+    for arg, value, least in (("epochs", epochs, 1), ("freeze_epochs", freeze_epochs, 0)):
+        whole = _is_number(value) and math.isfinite(float(value)) and float(value).is_integer()
+        if not whole or float(value) < least:
+            raise ValueError(f"{arg} must be a whole number >= {least}, got {value!r}")  # before any weight changes
+    return STRATEGIES[name].run(learn, int(epochs), int(freeze_epochs))

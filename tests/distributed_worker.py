@@ -51,7 +51,7 @@ def main(out):
     dls = tensor_dls(xt, yt, xv, yv, bs=8, seed=200 + rank)
     torch.manual_seed(0)
     learn = new_head_learner(source, dls, metrics=accuracy)
-    cb = FineTuneCallback(unfreeze_epoch=1, bn="train", range_test=RangeTest(num_it=40, max_passes=None))
+    cb = FineTuneCallback(freeze_epochs=1, bn="train", range_test=RangeTest(num_it=40, max_passes=None))
     with learn.distrib_ctx(sync_bn=False):
         learn.fit_one_cycle(2, 1e-3, cbs=cb)
     result["cb"] = dict(lrs=[p.lrs for p in cb.record.phases],

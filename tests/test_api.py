@@ -123,3 +123,29 @@ def test_no_import_cycle_between_the_library_modules():
         done.add(m)
     for m in sorted(graph):
         visit(m)
+
+
+def test_fastais_internals_are_used_in_internals_only():
+    """The attributes fastai does not document (the optimizer's frozen-group count, a scheduler's
+    schedules, private methods of fastai objects) are read or written in `internals.py` alone."""
+    import re
+    root = Path(fastai_freeze.__file__).parent
+    private = re.compile(r"\b(?:learn|opt|sched|recorder|rec|dl|dls|self\.learn|self\.opt)\._[a-z]\w*\(")
+    for f in root.rglob("*.py"):
+        if f.name == "internals.py":
+            continue
+        text = f.read_text()
+        for name in ("frozen_idx", ".scheds", "_update_val"):
+            assert name not in text, f"{f.name} uses fastai's {name}: go through fastai_freeze.internals"
+        assert not private.search(text), f"{f.name}: {private.search(text).group(0)}"
+
+
+def test_fine_tune_with_is_a_short_orchestrator():
+    "The steps live in the engine (FineTuneSchedule); the method checks its arguments and runs them."
+    import inspect
+
+    from fastai.learner import Learner
+    assert len(inspect.getsource(Learner.fine_tune_with).splitlines()) <= 40
+    params = list(inspect.signature(Learner.fine_tune_with).parameters)
+    assert params[1:5] == ["epochs", "base_lr", "freeze_epochs", "lr_mult"]  # fastai's fine_tune order
+    assert "lr_max" not in params and "start_epoch" not in params

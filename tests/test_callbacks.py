@@ -54,12 +54,13 @@ def test_stop_at_target_stops_when_the_monitored_value_reaches_it(values, target
 
 def test_discriminative_rates_and_the_resumed_cycle():
     learn = synth_learner()
-    sched = FineTuneSchedule(learn, bn="train", lr_mult=100)
-    assert sched.rates(1e-3) == slice(1e-5, 1e-3)
+    with pytest.raises(ValueError, match="1 parameter group"):  # no body to unfreeze
+        FineTuneSchedule(learn, bn="train", lr_mult=100)
     learn.create_opt()
     assert group_lrs(learn, slice(1e-5, 1e-3)) == [1e-3]  # one group: the top rate
     learn.splitter = lambda m: [[m.a], [m.b]]  # two groups
     learn.create_opt()
+    assert FineTuneSchedule(learn, bn="train", lr_mult=100).rates(1e-3) == slice(1e-5, 1e-3)
     assert np.allclose(group_lrs(learn, slice(1e-5, 1e-3)), [1e-5, 1e-3])
     cycle = ResumedSchedule(lambda p: p, start=0.5)  # a new cycle over the second half of the fit
     assert [cycle(p) for p in (0.0, 0.5, 0.75, 1.0)] == [0.0, 0.0, 0.5, 1.0]

@@ -42,7 +42,8 @@ def _err(capsys):
     (lambda p: (_two_classes(p), (p / "w.pth").write_bytes(b"junk")), ["{p}", "--bs", "2", "--weights", "{p}/w.pth"],
      "not a PyTorch state dict"),
     (lambda p: (_two_classes(p), torch.save({"x": torch.zeros(3)}, p / "w.pth")), ["{p}", "--bs", "2", "--weights", "{p}/w.pth"],
-     "do not fit"),
+     "does not fit"),
+    (lambda p: (_two_classes(p), (p / "f.txt").write_text("x")), ["{p}", "--out", "{p}/f.txt/sub"], "cannot be created"),
 ])
 def test_user_errors_are_one_line_and_exit_2_before_training(tmp_path, capsys, setup, args, message):
     setup(tmp_path)
@@ -100,3 +101,36 @@ def test_dot_files_are_not_images_as_for_fastai(tmp_path):
     _img(tmp_path / "b" / ".thumbnails" / "0.png", "green")
     layout = check_folder(tmp_path)
     assert layout.n_images == 8 == len(get_image_files(tmp_path)) and layout.classes == ["a", "b"]
+
+
+def test_partial_weights_are_refused_a_missing_classifier_is_not(tmp_path):
+    "Loading is not strict, so a file missing body tensors would leave layers random: it is refused."
+    import timm
+    sd = timm.create_model("resnet18").state_dict()
+    torch.save({k: v for i, (k, v) in enumerate(sd.items()) if i % 4}, tmp_path / "partial.pth")
+    with pytest.raises(CLIError, match="tensors are missing"):
+        learner_factory("resnet18", weights=tmp_path / "partial.pth")
+    torch.save({k: v for k, v in sd.items() if not k.startswith("fc.")}, tmp_path / "body.pth")
+    assert callable(learner_factory("resnet18", weights=tmp_path / "body.pth"))  # vision_learner's new head replaces fc
+
+
+def test_a_cache_folder_that_is_a_file_is_said_before_training(tmp_path, monkeypatch, capsys):
+    _two_classes(tmp_path / "imgs")
+    (tmp_path / "cache").write_text("a file")
+    monkeypatch.setenv("FASTAI_FREEZE_CACHE", str(tmp_path / "cache"))
+    assert main(["compare", str(tmp_path / "imgs"), "--bs", "2", "--out", str(tmp_path / "out")]) == 2
+    assert "set FASTAI_FREEZE_CACHE to a folder" in _err(capsys)
+
+
+def test_the_learner_reads_the_checked_files_only(tmp_path):
+    "A broken symbolic link is not an image: neither the check nor the Learner's data reads it."
+    import os
+
+    from fastai_freeze.demo.cli import FolderTask
+    _two_classes(tmp_path / "imgs", n=5)
+    os.symlink(tmp_path / "gone.png", tmp_path / "imgs" / "a" / "link.png")
+    layout = check_folder(tmp_path / "imgs")
+    assert layout.n_images == 10
+    learn = FolderTask(layout, 16, "resnet18", False, None).learner(bs=2, seed=0)
+    assert len(learn.dls.train_ds) + len(learn.dls.valid_ds) == 10 and len(learn.dls.valid_ds) == 2
+    assert learn.dls.vocab == ["a", "b"]

@@ -242,3 +242,62 @@ def test_mixed_precision_on_gpu():
     from pathlib import Path
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
     assert subprocess.run([sys.executable, str(script)]).returncode == 0
+
+
+def _interrupted(make_learner):
+    "A Learner keeping a FrozenPrefix whose training epoch a Ctrl-C stopped mid-way (no event ran after it)."
+    learn = make_learner(bs=16)
+    learn.apply_bn_policy("frozen")
+    learn.freeze_body(freeze_bn=True)
+    prefix = FrozenPrefix()
+    learn.add_cb(prefix)
+
+    class CtrlC(Callback):
+        def after_batch(self):
+            if self.iter == 1:
+                raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        learn.fit(1, 1e-3, cbs=CtrlC())
+    assert prefix.mode == "inference copy" and any("forward" in m.__dict__ for m in learn.model.modules())
+    return learn, prefix
+
+
+def _own(model, x):
+    "The model's output with every module's own forward (a deep copy without the instance patches)."
+    import copy
+    clean = copy.deepcopy(model)
+    for m in clean.modules():
+        m.__dict__.pop("forward", None)
+    with torch.no_grad():
+        return clean(x)
+
+
+def test_an_interrupted_frozen_prefix_never_answers_stale(make_learner):
+    "After a Ctrl-C the patches are still there; validating, predicting or new weights take them off."
+    learn, _ = _interrupted(make_learner)
+    xb = learn.dls.valid.one_batch()[0]
+    learn.validate()  # eval mode: the patch takes itself off
+    assert not any("forward" in m.__dict__ for m in learn.model.modules())
+    learn, _ = _interrupted(make_learner)
+    with torch.no_grad():
+        next(learn.model[0].parameters()).mul_(2.0)  # what learn.load does to the body: new weights in place
+    learn.model.eval()  # no dropout, to compare; the Learner is still training as far as fastai knows
+    assert learn.training
+    expected = _own(learn.model, xb)
+    with torch.no_grad():
+        got = learn.model(xb)
+    torch.testing.assert_close(got, expected)
+    assert not any("forward" in m.__dict__ for m in learn.model.modules())
+
+
+def test_an_interrupted_frozen_prefix_pickles_as_the_plain_model(make_learner):
+    import pickle
+    learn, prefix = _interrupted(make_learner)
+    xb = learn.dls.valid.one_batch()[0]
+    model = pickle.loads(pickle.dumps(learn.model))  # learn.export pickles the model the same way
+    model.eval()
+    expected = _own(learn.model.eval(), xb)
+    with torch.no_grad():
+        torch.testing.assert_close(model(xb), expected)
+    kept = pickle.loads(pickle.dumps(prefix))
+    assert kept._copy is None and kept._patched == []

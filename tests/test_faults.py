@@ -17,7 +17,7 @@ from fastai.callback.core import Callback
 from torch import nn
 
 import fastai_freeze  # noqa: F401
-from fastai_freeze import BNPolicyCallback, FineTuneCallback, RangeTest, Unfreeze, range_test
+from fastai_freeze import BNPolicyCallback, FineTuneCallback, Gradual, RangeTest, Stop, Unfreeze, range_test
 from fastai_freeze.cache import cached_file
 from fastai_freeze.core import (
     BNAffine,
@@ -111,9 +111,12 @@ BAD_CONFIGS = [
     (lambda: Unfreeze(monitor=""), "monitor"), (lambda: RangeTest(num_it=5), "at least 20"),
     (lambda: RangeTest(held_out_it=10), "at least 20"), (lambda: RangeTest(start_lr=1, end_lr=1e-3), "start_lr"),
     (lambda: RangeTest(suggest="vally"), "vally"), (lambda: RangeTest(max_passes=0), "max_passes"),
-    (lambda: RangeTest(held_out=0), "held_out"), (lambda: RangeTest(small_data="x"), "small_data"), (lambda: FineTuneCallback(unfreeze_epoch=0), "unfreeze_epoch"),
+    (lambda: RangeTest(held_out=0), "held_out"), (lambda: RangeTest(small_data="x"), "small_data"), (lambda: FineTuneCallback(freeze_epochs=0), "freeze_epochs"),
     (lambda: FineTuneCallback(lr_mult=0), "lr_mult"), (lambda: FineTuneCallback(pct_start=2), "pct_start"),
     (lambda: FineTuneCallback(bn="train", freeze_bn=True), "freeze_bn"), (lambda: BNPolicyCallback("nope"), "unknown"),
+    (lambda: FineTuneCallback(fallback_lr=-1), "fallback_lr"), (lambda: Gradual(1.0), "ratio > 1"),
+    (lambda: Gradual("x"), "gradual"), (lambda: Stop(target=0.9), "monitor"), (lambda: Stop(keep_best=1), "keep_best"),
+    (lambda: BNPolicyCallback("auto", freeze_bn="yes"), "freeze_bn"),
 ]
 
 
@@ -400,9 +403,14 @@ def test_an_exported_learner_with_a_policy_predicts(make_learner, tmp_path):
         torch.testing.assert_close(preds, expected)
 
 
-def test_fine_tune_with_overrides_the_learners_policy_for_its_run_only(make_learner):
+def test_fine_tune_with_uses_the_learners_policy_and_refuses_another(make_learner):
     learn = make_learner(bs=16)
     learn.apply_bn_policy("frozen")
+    before = snapshot(learn)
+    for kwargs in (dict(bn="train"), dict(bn="fold"), dict(freeze_bn=False)):
+        with pytest.raises(ValueError, match="already has a BN policy"):
+            learn.fine_tune_with(1, **kwargs)
+        assert_unchanged(learn, before)
     seen = []
 
     class Modes(Callback):
@@ -411,9 +419,13 @@ def test_fine_tune_with_overrides_the_learners_policy_for_its_run_only(make_lear
         def before_batch(self):
             if self.training and not hasattr(self.learn, "lr_finder"):
                 seen.append({m.training for _, m in bn_layers(self.learn.model[0])})
-    rec = learn.fine_tune_with(1, bn="train", cbs=Modes())
-    assert rec.bn.policy.value == "train" and seen and all(s == {True} for s in seen)  # batch statistics, as recorded
-    assert [type(c).__name__ for c in learn.cbs].count("BNPolicyCallback") == 1  # the Learner's policy is back
+    rec = learn.fine_tune_with(1, cbs=Modes())  # 'auto' defers to the Learner's policy
+    assert rec.bn.policy.value == "frozen" and seen and all(s == {False} for s in seen)  # eval-mode BN throughout
+    assert [type(c).__name__ for c in learn.cbs].count("BNPolicyCallback") == 1  # the Learner's policy stays
+    with pytest.raises(ValueError, match="runs the schedule and the BN policy itself"):
+        learn.fine_tune_with(1, cbs=[BNPolicyCallback("fold")])
+    with pytest.raises(ValueError, match="runs the schedule and the BN policy itself"):
+        learn.fine_tune_with(1, cbs=FineTuneCallback())
 
 
 def test_a_dropin_callback_defers_to_the_learners_policy(make_learner):

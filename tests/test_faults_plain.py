@@ -38,7 +38,7 @@ def test_fine_tune_with_on_plain_pytorch_dataloaders(plain_learner, bn):
 
 def test_drop_in_callback_and_advisor_on_plain_pytorch_dataloaders(plain_learner):
     learn = plain_learner(bs=16)
-    cb = FineTuneCallback(unfreeze_epoch=1, range_test=RangeTest(num_it=20, max_passes=None))
+    cb = FineTuneCallback(freeze_epochs=1, range_test=RangeTest(num_it=20, max_passes=None))
     learn.fit_one_cycle(2, 1e-3, cbs=cb)
     assert cb.record.phases[-1].name == "unfrozen" and not cb.record.phases[-1].range_test.fell_back
     adv = learn.suggest_strategy()
@@ -72,7 +72,7 @@ def test_numpy_and_tensor_scalars_are_numbers(make_learner, box):
         rec = learn.fine_tune_with(np.int64(1), base_lr=box(2e-3), freeze_epochs=np.int64(1), lr_mult=box(100.0),
                                    pct_start=box(0.3), div=box(5.0), fallback_lr=box(1e-3), range_test=False)
     assert rec.phases[-1].lrs[-1] == pytest.approx(1e-3) and rec.phases[0].lrs[-1] == pytest.approx(2e-3, rel=1e-6)
-    cb = FineTuneCallback(unfreeze_epoch=np.int64(1), lr_mult=box(10.0), fallback_lr=box(1e-3), range_test=False)
+    cb = FineTuneCallback(freeze_epochs=np.int64(1), lr_mult=box(10.0), fallback_lr=box(1e-3), range_test=False)
     learn.fit_one_cycle(2, 1e-3, cbs=cb)
     assert cb.record.phases[-1].lrs[-1] == pytest.approx(1e-3)
 
@@ -101,8 +101,8 @@ def test_keep_best_without_monitor_keeps_the_lowest_validation_loss(make_learner
 
 def test_an_unfreeze_epoch_past_the_fit_is_said(make_learner):
     learn = make_learner(bs=16)
-    cb = FineTuneCallback(unfreeze_epoch=3, range_test=False)
-    with pytest.warns(UserWarning, match="unfreeze_epoch=3 in a fit of 2 epoch"):
+    cb = FineTuneCallback(freeze_epochs=3, range_test=False)
+    with pytest.warns(UserWarning, match="freeze_epochs=3 in a fit of 2 epoch"):
         learn.fit_one_cycle(2, 1e-3, cbs=cb)
     assert any("the body is not unfrozen" in n for n in cb.record.notes) and len(cb.record.phases) == 1
 
@@ -128,3 +128,117 @@ def test_range_test_gives_back_a_torch_optimizer_in_optimwrapper(make_learner):
     after = learn.opt.opt.state_dict()["state"]
     assert moments.keys() == after.keys()
     assert all(torch.equal(t, after[i][k]) for i, st in moments.items() for k, t in st.items())
+
+
+# ------------------------------------------------------------------ one schedule, two front ends --------
+def test_a_kept_schedule_callback_does_nothing_outside_training(make_learner):
+    "validate() and get_preds() run before_fit; the schedule waits for a training epoch."
+    from fastai_freeze.core.bn import BNAffine
+    learn = make_learner(bs=16)
+    cb = FineTuneCallback(bn="adapt", range_test=False)
+    learn.add_cb(cb)
+    state = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    flags = [p.requires_grad for p in learn.model.parameters()]
+    learn.validate()
+    learn.get_preds(dl=learn.dls.valid)
+    assert [p.requires_grad for p in learn.model.parameters()] == flags  # the body was not frozen
+    assert not any(isinstance(m, BNAffine) for m in learn.model.modules())  # nor re-estimated and folded
+    assert all(torch.equal(v, learn.model.state_dict()[k]) for k, v in state.items())
+    assert cb.record.phases == [] and [type(c).__name__ for c in learn.cbs].count("BNPolicyCallback") == 0
+    learn.fit_one_cycle(2, 1e-3)  # a fit does run it, once
+    assert [p.name for p in cb.record.phases] == ["warm-up", "unfrozen"] and cb.record.bn.policy.value == "adapt"
+    assert any(isinstance(m, BNAffine) for m in learn.model.modules())
+    assert all(p.requires_grad for p in learn.model.parameters())
+    assert [type(c).__name__ for c in learn.cbs].count("BNPolicyCallback") == 0  # its policy callback left with it
+
+
+def test_both_front_ends_fall_back_to_fastais_rule_half_the_warm_up_rate(make_learner):
+    "Below 20 batches per epoch the top rate is fastai's: half the warm-up's top rate, in both."
+    learn = make_learner(bs=16)  # 6 batches per epoch
+    with pytest.warns(UserWarning, match="fewer than the 20"):
+        rec = learn.fine_tune_with(1, base_lr=4e-3, bn="frozen")
+    assert rec.phases[-1].lrs[-1] == pytest.approx(2e-3)
+    cb = FineTuneCallback(bn="frozen")
+    with pytest.warns(UserWarning, match="fewer than the 20"):
+        learn.fit_one_cycle(2, 4e-3, cbs=cb)
+    assert cb.record.phases[-1].lrs[-1] == pytest.approx(2e-3)
+    assert cb.record.phases[-1].lr_source == rec.phases[-1].lr_source
+
+
+def test_the_plateau_rule_is_one_rule(make_learner):
+    "The warm-up ends after the same epoch under fine_tune_with and under the drop-in callback."
+    from fastai_freeze import Unfreeze
+    rule = Unfreeze(plateau=True, patience=1, min_delta=10.0)  # no epoch beats the first by 10
+    learn = make_learner(bs=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rec = learn.fine_tune_with(1, freeze_epochs=4, unfreeze=rule, range_test=False)
+        cb = FineTuneCallback(freeze_epochs=4, unfreeze=rule, range_test=False)
+        make_learner(bs=16).fit_one_cycle(5, 1e-3, cbs=cb)
+    assert rec.unfroze_at_epoch == cb.record.unfroze_at_epoch == 2
+    assert rec.unfreeze_reason == cb.record.unfreeze_reason == rec.phases[0].end_reason
+
+
+def test_the_old_name_of_freeze_epochs_still_works_and_says_so():
+    with pytest.warns(DeprecationWarning, match="freeze_epochs"):
+        cb = FineTuneCallback(unfreeze_epoch=3)
+    assert cb.freeze_epochs == cb.unfreeze_epoch == 3
+
+
+def test_checks_do_not_create_the_optimizer(make_learner):
+    from fastai_freeze.freeze import check_splittable, frozen_state
+    learn = make_learner(bs=16)
+    learn.opt = None
+    assert check_splittable(learn) == 2 and frozen_state(learn)[0][0] > 0
+    assert learn.opt is None
+
+
+def test_a_cancelled_epoch_before_training_is_not_an_error(make_learner):
+    from fastai.callback.core import Callback, CancelEpochException
+
+    class CancelFirst(Callback):
+        def before_train(self):
+            if self.epoch == 0:
+                raise CancelEpochException()
+    learn = make_learner(bs=16)
+    cb = FineTuneCallback(range_test=False)
+    learn.fit_one_cycle(3, 1e-3, cbs=[CancelFirst(), cb])
+    assert [p.name for p in cb.record.phases] == ["warm-up", "unfrozen"]
+    assert all(p.requires_grad for p in learn.model.parameters())
+
+
+@pytest.mark.parametrize("name", ["fine_tune", "bn_fold", "bn_adapt", "features", "scratch"])
+@pytest.mark.parametrize("epochs,freeze_epochs", [(1.5, 1), (2, 0.5), (0, 1), (float("nan"), 1)])
+def test_a_refused_strategy_changes_nothing(make_learner, name, epochs, freeze_epochs):
+    "Fractional or missing epochs are refused before a strategy re-initialises, folds or freezes anything."
+    from fastai_freeze import run_named_strategy
+    learn = make_learner(bs=16)
+    state = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    kinds = [type(m) for m in learn.model.modules()]
+    cbs = [type(c) for c in learn.cbs]
+    with pytest.raises(ValueError, match="whole number"):
+        run_named_strategy(learn, name, epochs, freeze_epochs)
+    assert all(torch.equal(v, learn.model.state_dict()[k]) for k, v in state.items())
+    assert [type(m) for m in learn.model.modules()] == kinds and [type(c) for c in learn.cbs] == cbs
+
+
+def test_a_strategy_takes_numpy_counts(make_learner):
+    from fastai_freeze import run_named_strategy
+    rec = run_named_strategy(make_learner(bs=16), "features", np.int64(1), np.int64(0))
+    assert rec.phases[0].epochs_run == 1
+
+
+@pytest.mark.parametrize("policy", ["adapt", "fold", "auto"])
+def test_data_the_body_cannot_take_changes_nothing(source_model, target_data, policy):
+    "One-channel images into a three-channel body: the error comes before any statistic or layer changes."
+    from fastai_freeze.demo.data import tensor_dls
+    xt, yt, xv, yv = target_data
+    dls = tensor_dls(xt[:, :1].clone(), yt, xv[:, :1].clone(), yv, bs=8)
+    learn = new_head_learner(source_model, dls, n_out=4, loss_func=CrossEntropyLossFlat())
+    state = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    kinds = [type(m) for m in learn.model.modules()]
+    with pytest.raises((RuntimeError, ValueError)):
+        learn.apply_bn_policy(policy)
+    assert [type(m) for m in learn.model.modules()] == kinds
+    assert all(torch.equal(v, learn.model.state_dict()[k]) for k, v in state.items())
+    assert not [c for c in learn.cbs if type(c).__name__ == "BNPolicyCallback"]

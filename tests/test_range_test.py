@@ -104,7 +104,7 @@ def test_step_ratio_is_paired_dropout_and_batch_noise_cancel(make_learner):
 # ------------------------------------------------------------------ the user's callbacks -------
 def test_sweep_keeps_mixed_precision_working(make_learner):
     learn = make_learner(bs=16).to_fp16()
-    cb = FineTuneCallback(unfreeze_epoch=1, bn="frozen", range_test=SWEEP)
+    cb = FineTuneCallback(freeze_epochs=1, bn="frozen", range_test=SWEEP)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # autocast('cuda') without CUDA warns that it is disabled
         learn.fit_one_cycle(3, 1e-3, cbs=cb)
@@ -129,7 +129,7 @@ def test_sweep_does_not_reset_a_savers_best(make_learner, tmp_path):
     learn = make_learner(bs=16, path=tmp_path)
     spy = BestSpy()
     learn.fit_one_cycle(3, 1e-3, cbs=[SaveModelCallback(monitor="valid_loss", fname="best"), spy,
-                                      FineTuneCallback(unfreeze_epoch=1, bn="frozen", range_test=SWEEP)])
+                                      FineTuneCallback(freeze_epochs=1, bn="frozen", range_test=SWEEP)])
     losses = [v[1] for v in learn.recorder.values]
     assert spy.bests == [min(losses[:i + 1]) for i in range(3)]  # never reset to inf by the sweep
     assert math.isfinite(spy.bests[0])
@@ -138,7 +138,7 @@ def test_sweep_does_not_reset_a_savers_best(make_learner, tmp_path):
 def test_sweep_does_not_reset_early_stopping(make_learner):
     learn = make_learner(bs=16)
     es = EarlyStoppingCallback(monitor="valid_loss", patience=5)
-    ft = FineTuneCallback(unfreeze_epoch=1, bn="frozen", range_test=SWEEP)
+    ft = FineTuneCallback(freeze_epochs=1, bn="frozen", range_test=SWEEP)
     learn.fit_one_cycle(2, 1e-3, cbs=[es, ft])
     assert not ft.record.phases[-1].range_test.fell_back
     assert es.best == min(v[1] for v in learn.recorder.values) and es.run
@@ -149,7 +149,7 @@ def test_sweep_leaves_a_csv_log_open_and_clean(make_learner, tmp_path, append):
     learn = make_learner(bs=16, path=tmp_path)
     if append:
         (tmp_path / "history.csv").write_text("earlier run\n")
-    ft = FineTuneCallback(unfreeze_epoch=1, bn="frozen", range_test=SWEEP)
+    ft = FineTuneCallback(freeze_epochs=1, bn="frozen", range_test=SWEEP)
     learn.fit_one_cycle(3, 1e-3, cbs=[CSVLogger(append=append), ft])
     assert not ft.record.phases[-1].range_test.fell_back
     lines = (tmp_path / "history.csv").read_text().splitlines()
@@ -168,7 +168,7 @@ class CountingCallback(Callback):
 def test_a_users_callback_sees_the_sweep_as_lr_find(make_learner):
     learn = make_learner(bs=16)
     user = CountingCallback()
-    ft = FineTuneCallback(unfreeze_epoch=1, bn="frozen", range_test=SWEEP)
+    ft = FineTuneCallback(freeze_epochs=1, bn="frozen", range_test=SWEEP)
     learn.fit_one_cycle(2, 1e-3, cbs=[user, ft])
     assert not ft.record.phases[-1].range_test.fell_back
     assert user.fits == 2 and user.finder == [False, True]  # the fit, then the sweep, flagged as fastai flags it

@@ -267,7 +267,7 @@ def test_dropin_callback_inside_fit_one_cycle(make_learner):
     learn = make_learner(bs=16)
     spy = PhaseSpy()
     n_groups = len(learn.opt.param_lists)
-    cb = FineTuneCallback(unfreeze_epoch=1, bn="train", range_test=RangeTest(num_it=30, max_passes=None))
+    cb = FineTuneCallback(freeze_epochs=1, bn="train", range_test=RangeTest(num_it=30, max_passes=None))
     learn.fit_one_cycle(3, 2e-3, cbs=[cb, spy])
     rec = cb.record
     assert [p.name for p in rec.phases] == ["warm-up", "unfrozen"]
@@ -287,7 +287,7 @@ def test_dropin_callback_inside_fit_one_cycle(make_learner):
 
 def test_dropin_plateau(make_learner):
     learn = make_learner(bs=16)
-    cb = FineTuneCallback(unfreeze_epoch=4, unfreeze=Unfreeze(plateau=True, patience=1, min_delta=10.0), bn="train")
+    cb = FineTuneCallback(freeze_epochs=4, unfreeze=Unfreeze(plateau=True, patience=1, min_delta=10.0), bn="train")
     learn.fit_one_cycle(3, 1e-3, cbs=cb)
     assert cb.record.unfroze_at_epoch == 2  # epoch 1 sets the best, epoch 2 fails to beat it by 10
 

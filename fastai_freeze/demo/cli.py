@@ -120,10 +120,16 @@ def _checked_state_dict(weights: Path, model) -> dict:
         raise CLIError(f"{weights}: holds a {type(sd).__name__}, not a state dict")
     ref = model.state_dict()
     bad = [k for k, v in sd.items() if k in ref and tuple(v.shape) != tuple(ref[k].shape)]
-    common = [k for k in sd if k in ref]
-    if bad or len(common) < len([k for k in ref if not k.endswith("num_batches_tracked")]) // 2:
-        raise CLIError(f"{weights}: its tensors do not fit {type(model).__name__} "
-                       f"({len(common)} names in common, {len(bad)} with other shapes)")
+    # the network's final classifier may be missing: vision_learner replaces it with a new head
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1:]
+    head = {n for n, t in model.state_dict(keep_vars=True).items() if any(t is q for m in last for q in m.parameters())}
+    missing = [k for k in ref if k not in sd and k not in head and not k.endswith("num_batches_tracked")]
+    if bad or missing:
+        what = (f"{len(missing)} of its {len(ref)} tensors are missing (e.g. {missing[0]})" if missing else
+                f"{len(bad)} tensors have other shapes (e.g. {bad[0]}: {tuple(sd[bad[0]].shape)} against "
+                f"{tuple(ref[bad[0]].shape)})")
+        raise CLIError(f"{weights}: does not fit {type(model).__name__}: {what}; partial weights would leave "
+                       "layers at random values")
     return sd
 
 
@@ -146,7 +152,7 @@ def learner_factory(arch: str = DEFAULT_ARCH, pretrained: bool = True, weights: 
         elif pretrained and arch in PACKAGED_WEIGHTS:
             try:
                 kw = packaged_weights(arch)
-            except ImportError as e:
+            except (ImportError, OSError) as e:  # the package missing, the cache folder unwritable
                 raise CLIError(str(e)) from None
         elif pretrained:
             raise CLIError(f"no local ImageNet weights for {arch}: give --weights FILE (a state dict for it), use "
@@ -199,15 +205,33 @@ class FolderTask:
     def name(self) -> str:
         return self.layout.path.name
 
+    def files(self) -> list[Path]:
+        "The images `check_folder` checked, in a fixed order: those the Learner reads, no others."
+        root = self.layout.path
+        if self.layout.valid_name:
+            return _images(root / "train") + _images(root / self.layout.valid_name)
+        return _images(root)
+
     def learner(self, bs: int, seed: int):
         import torch
-        from fastai.vision.all import ImageDataLoaders, Resize, ResizeMethod
-        kw = dict(item_tfms=Resize(self.size, method=ResizeMethod.Squish), bs=bs, seed=seed,
-                  num_workers=self.num_workers, device=self.device)
-        if self.layout.valid_name:
-            dls = ImageDataLoaders.from_folder(self.layout.path, train="train", valid=self.layout.valid_name, **kw)
-        else:
-            dls = ImageDataLoaders.from_folder(self.layout.path, valid_pct=0.2, **kw)
+        from fastai.vision.all import (
+            CategoryBlock,
+            DataBlock,
+            GrandparentSplitter,
+            ImageBlock,
+            RandomSplitter,
+            Resize,
+            ResizeMethod,
+            parent_label,
+        )
+        # fastai's ImageDataLoaders.from_folder, reading the checked files (a broken link, a file
+        # added since the check, is not read)
+        splitter = (GrandparentSplitter(train_name="train", valid_name=self.layout.valid_name)
+                    if self.layout.valid_name else RandomSplitter(0.2, seed=seed))
+        files = self.files()
+        block = DataBlock(blocks=(ImageBlock, CategoryBlock), get_items=lambda _: files, splitter=splitter,
+                          get_y=parent_label, item_tfms=Resize(self.size, method=ResizeMethod.Squish))
+        dls = block.dataloaders(self.layout.path, bs=bs, num_workers=self.num_workers, device=self.device)
         torch.manual_seed(seed)
         return learner_factory(self.arch, self.pretrained, self.weights)(dls)
 
@@ -303,8 +327,13 @@ def main(argv=None) -> int:
 
 
 def _check_out(out: Path) -> None:
+    "Create the output folder now, so that a bad --out is said before any training."
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out}: exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CLIError(f"--out {out}: cannot be created ({type(e).__name__}: {e.strerror or e})") from None
 
 
 def _write_table(rows, out: Path, title: str, records: dict) -> None:
