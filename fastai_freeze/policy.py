@@ -42,11 +42,11 @@ from .core.logme import StatisticsProbe, probe_bn_statistics
 from .core.state import kept_random_state
 from .distrib import broadcast_module_state, broadcast_object, unwrap_model
 from .freeze import (
-    _groups,
     body_bn_layers,
     check_splittable,
     frozen_state,
     head_bn_layers,
+    param_groups,
     rebuild_optimizer,
     set_frozen_bn_trainable,
 )
@@ -160,15 +160,10 @@ def choose_bn_policy(probe: StatisticsProbe, freeze_bn: bool | None = None,
     return BNDecision(pol, pol is BNPolicy.FROZEN or bool(freeze_bn), reason, batch_size, probe)
 
 
-def _head_params(learn: Learner) -> list[nn.Parameter]:
-    "The head group's parameters (the optimizer's last group; a flat splitter's output is one group)."
-    return list(learn.opt.param_lists[-1]) if learn.opt is not None else _groups(learn.splitter(learn.model))[-1]
-
-
 def learner_body_bn(learn: Learner, with_stats: bool = False) -> list[nn.Module]:
     """The body's BN layers: those with no parameter in the head group (`body_bn_layers`), the one
     answer every part of the library uses; `with_stats`: only those with running statistics."""
-    head = _head_params(learn)
+    head = param_groups(learn)[-1]
     return [m for _, m in body_bn_layers(unwrap_model(learn.model), head)
             if not with_stats or getattr(m, "running_mean", None) is not None]
 
@@ -233,7 +228,7 @@ def apply_bn_decision(learn: Learner, decision: BNDecision, max_batches: int | N
     body = learner_body_bn(learn)
     bs = getattr(learn.dls.train, "bs", None)
     small = bs is not None and bs < MIN_BN_BATCH
-    head = ([m for _, m in head_bn_layers(model, _head_params(learn)) if getattr(m, "running_mean", None) is not None]
+    head = ([m for _, m in head_bn_layers(model, param_groups(learn)[-1]) if getattr(m, "running_mean", None) is not None]
             if decision.policy is BNPolicy.ADAPT or small else [])
     done = []
     estimate = (body if decision.policy is BNPolicy.ADAPT else []) + head

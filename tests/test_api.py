@@ -149,3 +149,17 @@ def test_fine_tune_with_is_a_short_orchestrator():
     params = list(inspect.signature(Learner.fine_tune_with).parameters)
     assert params[1:5] == ["epochs", "base_lr", "freeze_epochs", "lr_mult"]  # fastai's fine_tune order
     assert "lr_max" not in params and "start_epoch" not in params
+
+
+def test_the_readme_quick_start_runs_as_written(tmp_path):
+    "The README's first python block, as a newcomer pastes it: offline, from any folder, it trains and reports."
+    import re
+    block = re.search(r"```python\n(.*?)```", (PACKAGE.parent / "README.md").read_text(), re.S).group(1)
+    assert "fine_tune_with" in block and "load_fashion_mnist" in block
+    code = "import torch; torch.set_num_threads(2)\n" + block + "\nprint('ACC', record.phases[-1].values[-1][-1])"
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "BN policy" in out.stdout or "policy" in out.stdout, out.stdout[-2000:]
+    acc = float(out.stdout.rsplit("ACC", 1)[1])
+    assert acc > 0.75, acc  # 3000 images, 1+2 epochs: ~0.86 on the real network
