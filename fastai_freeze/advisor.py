@@ -32,6 +32,7 @@ from .core.logme import logme, pooled_features
 from .core.state import kept_random_state
 from .internals import in_order
 from .policy import BNDecision, decide_bn_policy
+from .probe import _positive
 from .record import FineTuneRecord
 from .strategies import run_named_strategy
 
@@ -119,6 +120,10 @@ def suggest_strategy(self: Learner, max_samples: int = 2000) -> Advice:
     The model must be `Sequential(body, head)` (vision_learner, new_head_learner). Uses up to
     `max_samples` training images, in order; changes nothing, consumes no random number.
     """
+    _positive("max_samples", max_samples, integer=True)
+    if max_samples < 2:
+        raise ValueError(f"max_samples must be >= 2 (LogME compares images), got {max_samples!r}")
+    max_samples = int(max_samples)
     m = self.model
     if not (isinstance(m, nn.Sequential) and len(m) == 2):
         raise ValueError("suggest_strategy needs a model Sequential(body, head), as vision_learner builds")

@@ -20,7 +20,23 @@ from .distrib import unwrap_model
 from .freeze import frozen_prefix
 from .internals import FitScopedCallback
 
-__all__ = ["PlateauTracker", "UnfreezeOnPlateau", "StopAtTarget", "FrozenPrefix"]
+__all__ = ["PlateauTracker", "UnfreezeOnPlateau", "StopAtTarget", "FrozenPrefix", "check_monitor_data"]
+
+
+def check_monitor_data(learn, monitor: str, who: str) -> None:
+    """Refuse a rule on a validation value (`valid_loss`, a metric) when there is no validation data:
+    fastai's Recorder would record `None` and the rule would fail after an epoch had trained."""
+    if monitor == "train_loss":
+        return
+    try:
+        n = len(learn.dls.valid)
+    except (AttributeError, IndexError):
+        n = 0
+    except TypeError:  # an iterable without a length: data may come
+        return
+    if n == 0:
+        raise ValueError(f"{who} watches {monitor!r}, a validation value, and this Learner has no validation data "
+                         "(an empty or missing validation set): give it a validation set, or monitor='train_loss'")
 
 
 class PlateauTracker(TrackerCallback):
@@ -33,11 +49,17 @@ class PlateauTracker(TrackerCallback):
         super().__init__(monitor=monitor, comp=comp, min_delta=min_delta, reset_on_fit=reset_on_fit)
         self.patience = patience
 
+    watches = True  # the rule reads `monitor` (a subclass may watch only when configured to)
+
     def before_fit(self):
         self.wait = 0
         super().before_fit()
+        if self.run and self.watches:
+            check_monitor_data(self.learn, self.monitor, type(self).__name__)
 
     def after_epoch(self):
+        if not self.watches:  # nothing to track, and the value may be None (no validation data)
+            return
         super().after_epoch()
         self.wait = 0 if self.new_best else self.wait + 1
 
@@ -85,6 +107,8 @@ class StopAtTarget(TrackerCallback):
     def before_fit(self):
         self.reached_epoch = self.best_epoch = self._state = None
         super().before_fit()
+        if self.run:
+            check_monitor_data(self.learn, self.monitor, "StopAtTarget")
 
     def after_epoch(self):
         super().after_epoch()

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 
 import torch
 from fastai.callback.core import Callback
 from torch import nn
+
+from .probe import _positive
 
 __all__ = ["layer_weights", "relative_change", "WeightDiagnostics"]
 
@@ -40,9 +43,12 @@ class WeightDiagnostics(Callback):
     _pause_in_probe = True
 
     def __init__(self, reference: nn.Module | dict | None = None, every: int = 1, bins: int = 40):
-        if every < 1:
-            raise ValueError(f"every must be >= 1 (sample gradient norms every N batches), got {every}")
-        self.every, self.bins = every, bins
+        _positive("every", every, integer=True)  # sample gradient norms every N batches
+        _positive("bins", bins, integer=True)
+        if reference is not None and not isinstance(reference, (nn.Module, Mapping)):
+            raise TypeError(f"reference must be a model, a state dict or None (the weights at the fit's start), "
+                            f"got {type(reference).__name__}")
+        self.every, self.bins = int(every), int(bins)
         self._reference = reference
         self.reference: dict[str, torch.Tensor] | None = None
 

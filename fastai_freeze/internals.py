@@ -25,7 +25,7 @@ from .core.state import random_state, set_random_state
 __all__ = ["LEARNER_ATTRS", "RECORDER_ATTRS", "learner_attributes", "LearnerSnapshot", "learner_snapshot",
            "restore_learner", "FitScopedCallback", "paused_callbacks", "belongs_to_fit", "unwrap_distributed_dls", "distributed_trainer_class",
            "ResumedSchedule", "scheduler_of", "group_lrs", "probe_callbacks", "shielded_callbacks",
-           "set_schedule_position", "in_order", "follow_norm_rules",
+           "set_schedule_position", "in_order", "n_inputs", "follow_norm_rules",
            "one_process_view", "frozen_count", "set_frozen_count", "frozen_groups", "scheduled_peak",
            "resume_schedule"]
 
@@ -243,6 +243,15 @@ def in_order(dl, bs: int | None = None):
         raise TypeError(f"expected a fastai or PyTorch DataLoader, got {type(dl).__name__}")
     return DataLoader(dl.dataset, batch_size=bs or dl.batch_size or 64, shuffle=False, drop_last=False,
                       collate_fn=dl.collate_fn, num_workers=0)
+
+
+def n_inputs(learn: Learner) -> int:
+    "How many leading elements of a batch the model takes: fastai's `dls.n_inp` (1 where it has none)."
+    try:
+        n = learn.dls.n_inp
+    except (AttributeError, IndexError, TypeError):
+        return 1
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 1
 
 
 def follow_norm_rules(learn: Learner, params, trainable: bool) -> None:

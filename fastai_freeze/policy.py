@@ -50,7 +50,7 @@ from .freeze import (
     rebuild_optimizer,
     set_frozen_bn_trainable,
 )
-from .internals import FitScopedCallback, follow_norm_rules, frozen_groups, in_order
+from .internals import FitScopedCallback, follow_norm_rules, frozen_groups, in_order, n_inputs
 
 __all__ = ["BNPolicy", "BNDecision", "check_freeze_bn", "choose_bn_policy", "decide_bn_policy",
            "apply_bn_decision", "check_batch_size", "BNPolicyCallback", "learner_body_bn", "PROBE_SAMPLES", "MIN_BN_BATCH",
@@ -131,8 +131,10 @@ def check_freeze_bn(policy: BNPolicy, freeze_bn: bool | None) -> bool:
 
 
 def check_batch_size(learn: Learner, policy: BNPolicy) -> None:
-    "Refuse `train` at batch size 1, where BatchNorm has no batch statistics (before anything changes)."
-    if policy is BNPolicy.TRAIN and getattr(learn.dls.train, "bs", None) == 1:
+    """Refuse `train` at batch size 1 when the model has BatchNorm layers with statistics: in training
+    mode they have no batch statistics there (before anything changes)."""
+    if policy is BNPolicy.TRAIN and getattr(learn.dls.train, "bs", None) == 1 and _head_bn(learn) + learner_body_bn(
+            learn, with_stats=True):
         raise ValueError("bn='train' at batch size 1: BatchNorm layers in training mode need more than one sample "
                          "per batch; use bn='frozen' or 'fold' (or 'auto'), which keep fixed statistics")
 
@@ -168,6 +170,12 @@ def learner_body_bn(learn: Learner, with_stats: bool = False) -> list[nn.Module]
             if not with_stats or getattr(m, "running_mean", None) is not None]
 
 
+def _head_bn(learn: Learner) -> list[nn.Module]:
+    "The head's BN layers with running statistics."
+    return [m for _, m in head_bn_layers(unwrap_model(learn.model), param_groups(learn)[-1])
+            if getattr(m, "running_mean", None) is not None]
+
+
 def _body(learn: Learner) -> nn.Module | None:
     "The body of a `Sequential(body, head)` model (vision_learner, new_head_learner), else None."
     m = unwrap_model(learn.model)
@@ -188,6 +196,12 @@ def decide_bn_policy(learn: Learner, policy: str | BNPolicy = "auto", freeze_bn:
     check_batch_size(learn, pol)
     bs = getattr(learn.dls.train, "bs", None)
     body_bns = learner_body_bn(learn, with_stats=True)
+    if not body_bns and pol is not BNPolicy.TRAIN and bs == 1 and _head_bn(learn):
+        pol = pol if pol is not BNPolicy.AUTO else BNPolicy.FOLD if freeze_bn is False else BNPolicy.FROZEN
+        return BNDecision(pol, pol is BNPolicy.FROZEN or bool(freeze_bn),
+                          "the body has no BatchNorm layer with statistics; at batch size 1 the head's BN layers "
+                          "cannot use batch statistics, so they get statistics estimated on the training data, then "
+                          "folded", bs, seconds=time.perf_counter() - t0)
     if not body_bns:
         left = "" if pol in (BNPolicy.AUTO, BNPolicy.TRAIN) else f" bn='{pol.value}'"
         return BNDecision(BNPolicy.TRAIN if pol is BNPolicy.AUTO else pol, bool(freeze_bn),
@@ -217,25 +231,25 @@ def apply_bn_decision(learn: Learner, decision: BNDecision, max_batches: int | N
     `adapt` re-estimates the statistics of the body's and the head's BN layers on the training data
     and folds them; `fold` folds the body's; under `frozen` and `fold` at batch sizes below
     `MIN_BN_BATCH` the head's BN layers get statistics estimated on the training data and are
-    folded. `train` changes nothing.
+    folded (behind a body without BatchNorm, only at batch size 1, where batch statistics cannot
+    work). `train` changes nothing.
     """
-    if decision.policy is BNPolicy.TRAIN or not decision.body_bn_layers:
+    bs = getattr(learn.dls.train, "bs", None)
+    small = bs is not None and bs < MIN_BN_BATCH
+    if decision.policy is BNPolicy.TRAIN or not (decision.body_bn_layers or (bs == 1 and _head_bn(learn))):
         return "no module changed"
     if learn.opt is None:
         learn.create_opt()
     t0 = time.perf_counter()
     model = unwrap_model(learn.model)
-    body = learner_body_bn(learn)
-    bs = getattr(learn.dls.train, "bs", None)
-    small = bs is not None and bs < MIN_BN_BATCH
-    head = ([m for _, m in head_bn_layers(model, param_groups(learn)[-1]) if getattr(m, "running_mean", None) is not None]
-            if decision.policy is BNPolicy.ADAPT or small else [])
+    body = learner_body_bn(learn) if decision.body_bn_layers else []
+    head = _head_bn(learn) if decision.policy is BNPolicy.ADAPT or small else []
     done = []
     estimate = (body if decision.policy is BNPolicy.ADAPT else []) + head
     if estimate:  # one pass: the head's statistics are those of the body's features as they will be
         with kept_random_state():
             dl = in_order(learn.dls.train, max(bs or 64, 64))
-            rep = recalibrate_bn(model, dl, max_batches=max_batches, layers=estimate)
+            rep = recalibrate_bn(model, dl, max_batches=max_batches, layers=estimate, n_inp=n_inputs(learn))
         broadcast_module_state(model)  # distributed: rank 0's statistics everywhere
         done.append(str(rep))
     fold = (body if decision.policy in (BNPolicy.FOLD, BNPolicy.ADAPT) else []) + head

@@ -295,6 +295,15 @@ def _check_args(config, lr_mult, fallback_lr) -> None:
         raise ValueError(f"lr_mult must be None or a finite ratio >= 1, got {lr_mult!r}")
 
 
+def _positive(name: str, value, integer: bool = False, allow_zero: bool = False) -> None:
+    "Refuse anything but a finite real number (Python's, NumPy's or a one-element tensor's) in range."
+    ok = _is_number(value) and math.isfinite(float(value))
+    ok = ok and (float(value) >= 0 if allow_zero else float(value) > 0) and (not integer or float(value).is_integer())
+    if not ok:
+        kind = "a whole number" if integer else "a finite number"
+        raise ValueError(f"{name} must be {kind} {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
 def _is_number(x) -> bool:
     "A real number: Python's, NumPy's or a one-element tensor's (not a bool)."
     if isinstance(x, bool):

@@ -24,7 +24,7 @@ from fastcore.basics import patch
 from fastcore.foundation import L
 from fastcore.meta import delegates
 
-from .callbacks import FrozenPrefix, PlateauTracker, StopAtTarget, UnfreezeOnPlateau
+from .callbacks import FrozenPrefix, PlateauTracker, StopAtTarget, UnfreezeOnPlateau, check_monitor_data
 from .distrib import is_distributed
 from .features import cached_warmup, check_cacheable
 from .freeze import (
@@ -42,19 +42,10 @@ from .policy import (
     check_freeze_bn,
     policy_freezes_bn,
 )
-from .probe import DEFAULT_FALLBACK_LR, RangeTest, _is_number, range_test
+from .probe import DEFAULT_FALLBACK_LR, RangeTest, _is_number, _positive, range_test
 from .record import FineTuneRecord, PhaseRecord, RangeTestResult
 
 __all__ = ["Unfreeze", "Gradual", "Stop", "FineTuneSchedule", "FineTuneCallback"]
-
-
-def _positive(name: str, value, integer: bool = False, allow_zero: bool = False) -> None:
-    "Refuse anything but a finite real number (Python's, NumPy's or a one-element tensor's) in range."
-    ok = _is_number(value) and math.isfinite(float(value))
-    ok = ok and (float(value) >= 0 if allow_zero else float(value) > 0) and (not integer or float(value).is_integer())
-    if not ok:
-        kind = "a whole number" if integer else "a finite number"
-        raise ValueError(f"{name} must be {kind} {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -94,12 +85,13 @@ def _range_test_config(value) -> RangeTest | None:
     return value or RangeTest()
 
 
-def _check_monitor(learn: Learner, monitor: str) -> None:
-    "Refuse, before anything changes, a monitor the Recorder will not have."
+def _check_monitor(learn: Learner, monitor: str, who: str) -> None:
+    "Refuse, before anything changes, a monitor the Recorder will not have, or will record as None."
     names = ["train_loss", "valid_loss"] + [m.name for m in learn.metrics]
     if monitor not in names:
         raise ValueError(f"no value {monitor!r} is recorded: the recorder will have {names} (pass the metric "
                          "to the Learner, e.g. metrics=accuracy)")
+    check_monitor_data(learn, monitor, who)
 
 
 def _lr_source(rt: RangeTestResult) -> str:
@@ -437,8 +429,9 @@ def fine_tune_with(self: Learner, epochs: int, base_lr: float | None = 2e-3, fre
     if rule.plateau and not freeze_epochs:
         raise ValueError("unfreeze='plateau' needs freeze_epochs >= 1 as its cap")
     fit_kwargs = _fit_kwargs(pct_start, div, kwargs)
-    for name in ([rule.monitor] if rule.plateau else []) + ([stop.monitor] if stop.monitor else []):
-        _check_monitor(self, name)
+    for name, who in ([(rule.monitor, "unfreeze='plateau'")] if rule.plateau else []) + (
+            [(stop.monitor, "the stop rule (target/keep_best)")] if stop.monitor else []):
+        _check_monitor(self, name, who)
     if cache_features:
         freeze_bn = _check_cache(self, bn, freeze_bn, rule)
     if fallback_lr is None and base_lr is not None:
@@ -520,6 +513,10 @@ class FineTuneCallback(FitScopedCallback, PlateauTracker):
     @property
     def unfreeze_epoch(self) -> int:
         return self.freeze_epochs
+
+    @property
+    def watches(self) -> bool:  # the plateau tracker reads `monitor` only under unfreeze='plateau'
+        return self.rule.plateau
 
     def before_fit(self):
         self.cleanup("the fit ended without an event")  # a no-op unless kept on the Learner and interrupted

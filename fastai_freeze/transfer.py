@@ -12,6 +12,8 @@ from fastai.torch_core import apply_init
 from fastai.vision.learner import create_head, default_split, has_pool_type
 from torch import nn
 
+from .probe import _positive
+
 __all__ = ["cut_body", "simple_head", "new_head_learner"]
 
 
@@ -61,6 +63,9 @@ def new_head_learner(source, dls, n_out: int | None = None, head: str = "fastai"
         raise TypeError(f"source must be a Learner or an nn.Module, got {type(source).__name__}")
     if head not in ("fastai", "simple"):
         raise ValueError(f"head must be 'fastai' or 'simple', got {head!r}")
+    if n_out is not None:
+        _positive("n_out", n_out, integer=True)
+        n_out = int(n_out)
     n_out = n_out if n_out is not None else getattr(dls, "c", None)
     if not n_out:
         raise ValueError("cannot tell the number of classes: pass n_out (dls has no `c`)")

@@ -242,3 +242,156 @@ def test_data_the_body_cannot_take_changes_nothing(source_model, target_data, po
     assert [type(m) for m in learn.model.modules()] == kinds
     assert all(torch.equal(v, learn.model.state_dict()[k]) for k, v in state.items())
     assert not [c for c in learn.cbs if type(c).__name__ == "BNPolicyCallback"]
+
+
+# ---------------------------------------------- sizes and counts: refused where they are given ---
+def _state(learn):
+    return ({k: v.clone() for k, v in learn.model.state_dict().items()}, [p.requires_grad for p in learn.model.parameters()],
+            [m.training for m in learn.model.modules()], [type(c) for c in learn.cbs])
+
+
+def _same(learn, before):
+    after = _state(learn)
+    assert all(torch.equal(v, after[0][k]) for k, v in before[0].items()) and after[1:] == before[1:]
+
+
+@pytest.mark.parametrize("bad", [0, 1, -5, 2.5, "a", True, np.nan])
+def test_suggest_strategy_refuses_a_bad_sample_count(make_learner, bad):
+    learn = make_learner(bs=16)
+    before = _state(learn)
+    with pytest.raises(ValueError, match="max_samples"):
+        learn.suggest_strategy(max_samples=bad)
+    _same(learn, before)
+    assert learn.suggest_strategy(max_samples=np.int64(40)).n_images == 96  # NumPy counts are counts
+
+
+@pytest.mark.parametrize("kw", [dict(bins=0), dict(bins=2.5), dict(bins=True), dict(every=0), dict(every=1.5),
+                                dict(reference=3), dict(reference="model.pth")], ids=str)
+def test_weight_diagnostics_refuses_bad_settings_at_construction(kw):
+    from fastai_freeze import WeightDiagnostics
+    with pytest.raises((ValueError, TypeError), match="bins|every|reference"):
+        WeightDiagnostics(**kw)
+    assert WeightDiagnostics(every=np.int64(2), bins=np.int64(10)).bins == 10
+
+
+@pytest.mark.parametrize("n_out", [0, -2, 2.5, "4", np.nan])
+def test_new_head_learner_refuses_a_bad_class_count(source_model, target_data, n_out):
+    from fastai_freeze.demo.data import tensor_dls
+    xt, yt, xv, yv = target_data
+    with pytest.raises(ValueError, match="n_out"):
+        new_head_learner(source_model, tensor_dls(xt, yt, xv, yv, bs=16), n_out=n_out)
+    assert new_head_learner(source_model, tensor_dls(xt, yt, xv, yv, bs=16), n_out=np.int64(4)).model[1][-1].out_features == 4
+
+
+# ---------------------------------------- rules on validation values need validation data --------
+@pytest.fixture
+def no_valid_learner(source_model, target_data):
+    from fastai_freeze.demo.data import tensor_dls
+    xt, yt, xv, yv = (t.clone() for t in target_data)
+    torch.manual_seed(0)
+    return new_head_learner(source_model, tensor_dls(xt, yt, xv[:0], yv[:0], bs=16), metrics=accuracy)
+
+
+@pytest.mark.parametrize("how", ["plateau", "target", "keep_best", "callback", "drop-in", "stop-drop-in"])
+def test_a_rule_on_validation_values_without_validation_data_is_refused_before_training(no_valid_learner, how):
+    "fastai records valid_loss as None without validation data: the rule would fail after an epoch trained."
+    from fastai_freeze.callbacks import StopAtTarget, UnfreezeOnPlateau
+    learn = no_valid_learner
+    before = _state(learn)
+    with pytest.raises(ValueError, match="no validation data"):
+        if how == "plateau":
+            learn.fine_tune_with(1, freeze_epochs=2, unfreeze="plateau")
+        elif how == "target":
+            learn.fine_tune_with(1, monitor="accuracy", target=0.9)
+        elif how == "keep_best":
+            learn.fine_tune_with(1, keep_best=True)
+        elif how == "callback":
+            learn.fit_one_cycle(2, 1e-3, cbs=FineTuneCallback(freeze_epochs=1, unfreeze="plateau"))
+        elif how == "drop-in":
+            learn.fit_one_cycle(2, 1e-3, cbs=UnfreezeOnPlateau())
+        else:
+            learn.fit_one_cycle(2, 1e-3, cbs=StopAtTarget("accuracy", 0.9))
+    _same(learn, before)
+
+
+def test_without_validation_data_the_epoch_rules_and_train_loss_still_work(no_valid_learner):
+    learn = no_valid_learner
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rec = learn.fine_tune_with(1, freeze_epochs=2, unfreeze=fastai_freeze.Unfreeze(plateau=True, monitor="train_loss"),
+                                   range_test=False)
+        learn.fit_one_cycle(2, 1e-3, cbs=FineTuneCallback(freeze_epochs=1, range_test=False))
+    assert [p.name for p in rec.phases] == ["warm-up", "unfrozen"]
+
+
+# ------------------------------------------- a BN head behind a BN-free body at tiny batches -----
+def _bn_free_learner(target_data, bs):
+    from torch import nn
+
+    from fastai_freeze.demo.data import tensor_dls
+    xt, yt, xv, yv = (t.clone() for t in target_data)
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU())
+    src = nn.Sequential(body, nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)))
+    return new_head_learner(src, tensor_dls(xt, yt, xv, yv, bs=bs), body=body, metrics=accuracy)
+
+
+def test_a_bn_head_behind_a_bn_free_body_trains_at_batch_size_one(target_data):
+    "fastai's head has BatchNorm1d: at batch size 1 it gets statistics estimated on the data, then folded."
+    from torch.nn.modules.batchnorm import _BatchNorm
+    learn = _bn_free_learner(target_data, bs=1)
+    assert any(isinstance(m, _BatchNorm) for m in learn.model[1].modules())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rec = learn.fine_tune_with(1, range_test=False)
+    assert "head's BN layers cannot use batch statistics" in rec.bn.reason
+    assert not any(isinstance(m, _BatchNorm) for m in learn.model.modules())
+    assert np.isfinite(rec.phases[-1].values[-1][0])
+
+
+def test_batch_statistics_at_batch_size_one_are_refused_before_anything_changes(target_data):
+    learn = _bn_free_learner(target_data, bs=1)
+    before = _state(learn)
+    with pytest.raises(ValueError, match="batch size 1"):
+        learn.fine_tune_with(1, bn="train")
+    _same(learn, before)
+
+
+# ------------------------------------------- a two-input (tabular) Learner under adapt -----------
+def test_adapt_feeds_every_input_of_a_two_input_tabular_model():
+    "fastai's tabular model takes (categorical, continuous): the statistics pass feeds both, as a fit does."
+    import pandas as pd
+    from fastai.tabular.all import (
+        Categorify,
+        CategoryBlock,
+        TabularDataLoaders,
+        params,
+        tabular_learner,
+    )
+
+    from fastai_freeze.core.bn import BNAffine
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"a": rng.choice(["x", "y", "z"], 300), "b": rng.normal(3, 2, 300), "c": rng.normal(size=300)})
+    df["t"] = ((df.b > 3) ^ (df.a == "x")).astype(int)
+    dls = TabularDataLoaders.from_df(df, procs=[Categorify], cat_names=["a"], cont_names=["b", "c"], y_names="t",
+                                     y_block=CategoryBlock, bs=32, valid_idx=list(range(240, 300)))
+    torch.manual_seed(0)
+    learn = tabular_learner(dls, layers=[16, 8], metrics=accuracy)
+    learn.splitter = lambda m: [params(m.embeds) + params(m.bn_cont) + params(m.layers[:-1]), params(m.layers[-1])]
+    learn.apply_bn_policy("adapt")
+    folded = learn.model.bn_cont
+    assert isinstance(folded, BNAffine)
+    x = torch.tensor(df[["b", "c"]].values[:240], dtype=torch.float32)  # the training rows, unnormalised
+    y = folded(x)  # gamma 1, beta 0: the training set's own statistics standardise it
+    assert torch.allclose(y.mean(0), torch.zeros(2), atol=1e-4) and torch.allclose(y.std(0), torch.ones(2), atol=1e-3)
+    learn.fit_one_cycle(1, 1e-2)
+    assert np.isfinite(learn.recorder.values[-1][0])
+
+
+@pytest.mark.parametrize("n_inp", [0, 1.5, True])
+def test_recalibrate_bn_refuses_a_bad_input_count(n_inp):
+    from torch import nn
+
+    from fastai_freeze.core.bn import recalibrate_bn
+    with pytest.raises(ValueError, match="n_inp"):
+        recalibrate_bn(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)), [torch.randn(4, 2)], n_inp=n_inp)

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -379,6 +380,14 @@ def _run_batches(model: nn.Module, batches: Iterable, max_batches: int | None, f
     return nb, ns
 
 
+def _feed_inputs(model: nn.Module, batch, n_inp: int) -> None:
+    "Feed a batch's first `n_inp` elements to `model` (a two-input tabular model: categorical, continuous)."
+    if not isinstance(batch, (tuple, list)) or len(batch) < n_inp:
+        raise ValueError(f"a batch with at least {n_inp} elements was expected (n_inp={n_inp}), got {type(batch).__name__}")
+    device = device_of(model)
+    model(*(x.to(device) if device is not None and isinstance(x, torch.Tensor) else x for x in batch[:n_inp]))
+
+
 def _pooled(n: int, mean: torch.Tensor, m2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     "Mean, unbiased and biased variance from the pooled moments."
     m2 = m2.clamp_min(0)
@@ -449,7 +458,8 @@ def batch_statistics(model: nn.Module, layers: Iterable[nn.Module]) -> Iterator[
 
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, batches: Iterable, forward: Callable | None = None,
-                   max_batches: int | None = None, layers: Iterable[nn.Module] | None = None) -> RecalibrationReport:
+                   max_batches: int | None = None, layers: Iterable[nn.Module] | None = None,
+                   n_inp: int = 1) -> RecalibrationReport:
     """Re-estimate the BN layers' running statistics on new data (AdaBN), exactly.
 
     Each BN layer gets the mean and the unbiased variance of *all* inputs it saw over `batches`,
@@ -461,9 +471,14 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, forward: Callable | None
     is finite (else `ValueError`, nothing changed). Layers the data never reaches (a branch
     that runs only in training) keep theirs and are named in the report.
 
-    `batches` yields inputs (or tuples whose first element is the input); `forward(model, batch)`
-    overrides how a batch is fed; `layers` restricts the update to some BN modules.
+    `batches` yields inputs (or tuples whose first `n_inp` elements are the model's inputs, as a
+    fastai batch `(*xs, y)` with `dls.n_inp`); `forward(model, batch)` overrides how a batch is fed;
+    `layers` restricts the update to some BN modules.
     """
+    if isinstance(n_inp, bool) or not isinstance(n_inp, int) or n_inp < 1:
+        raise ValueError(f"n_inp must be a whole number >= 1, got {n_inp!r}")
+    if forward is None and n_inp > 1:
+        forward = partial(_feed_inputs, n_inp=n_inp)
     todo = _layers_with_stats(model, layers, "recalibrate_bn")
     mods = [m for _, m in todo]
     own = [m for m in mods if not _kind(m).fixed]  # they compute their batch statistics themselves
