@@ -395,3 +395,36 @@ def test_recalibrate_bn_refuses_a_bad_input_count(n_inp):
     from fastai_freeze.core.bn import recalibrate_bn
     with pytest.raises(ValueError, match="n_inp"):
         recalibrate_bn(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)), [torch.randn(4, 2)], n_inp=n_inp)
+
+
+def test_range_test_on_a_learner_without_an_optimizer_restores_everything(make_learner):
+    from fastai_freeze import range_test
+    learn = make_learner(bs=4)
+    learn.opt = None
+    before = _state(learn)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rt = range_test(learn, RangeTest())
+    assert not rt.fell_back and rt.suggestion > 0
+    _same(learn, before)
+
+
+def test_cache_features_passes_the_users_callbacks_to_both_phases(make_learner):
+    "The cached warm-up is a fit too: the user's callbacks see its training batches, then the unfrozen fit's."
+    from fastai.callback.core import Callback
+
+    class Count(Callback):
+        def __init__(self):
+            self.train_batches = []
+
+        def before_fit(self):
+            self.train_batches.append(0)
+
+        def after_batch(self):
+            if self.training:
+                self.train_batches[-1] += 1
+    learn, spy = make_learner(bs=16), Count()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        learn.fine_tune_with(1, cache_features=True, range_test=False, cbs=[spy])
+    assert spy.train_batches == [6, 6]  # 96 images at 16: the cached warm-up, then the unfrozen epoch
