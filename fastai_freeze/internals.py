@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -61,6 +62,20 @@ class LearnerSnapshot:
     _frozen_idx: int
     _rng: tuple = field(repr=False)
     _torch_opt: dict | None = field(default=None, repr=False)
+    _data_rng: list = field(default_factory=list, repr=False)
+
+
+def _loader_rngs(learn: Learner) -> list:
+    """The random generators the training data draws its order from: a fastai `DataLoader`'s `rng`
+    (re-seeded from itself at every pass), a PyTorch `DataLoader`'s `generator`, with their states."""
+    out = []
+    for dl in getattr(getattr(learn, "dls", None), "loaders", []):
+        for gen in (getattr(dl, "rng", None), getattr(dl, "generator", None)):
+            if isinstance(gen, random.Random):
+                out.append((dl, gen, gen.getstate()))
+            elif isinstance(gen, torch.Generator):
+                out.append((dl, gen, gen.get_state()))
+    return out
 
 
 def _history(d: dict) -> dict:
@@ -90,6 +105,7 @@ def learner_snapshot(learn: Learner) -> LearnerSnapshot:
         getattr(learn.opt, "frozen_idx", 0),
         random_state(),
         _torch_optimizer_state(learn.opt),
+        _loader_rngs(learn),
     )
 
 
@@ -128,6 +144,12 @@ def restore_learner(learn: Learner, snap: LearnerSnapshot) -> None:
         rec.__dict__.clear()
         rec.__dict__.update(_history(snap._recorder))
     set_random_state(snap._rng)
+    for dl, gen, state in snap._data_rng:  # the next pass draws the order it would have drawn
+        if isinstance(gen, random.Random):
+            dl.rng = gen
+            gen.setstate(state)
+        else:
+            gen.set_state(state)
 
 
 class FitScopedCallback(Callback):

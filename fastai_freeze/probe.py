@@ -2,9 +2,9 @@
 
 **The sweep** trains one batch per rate, the rates rising geometrically from `start_lr` to `end_lr`
 (fastai's `LRFinder` schedule), and records each batch's loss. Every batch is new: the sweep is
-sized to fit in one pass over the training set (`num_it=None`: 4 rates per decade from 1e-5 to 1,
-21 in all, at most one per batch), because a sweep that sees the same images again shows the loss falling whatever the
-rate. From `min_batches` (20) batches per epoch up it always runs; below, fastai's rule is used
+sized to fit in one pass over the training set (`num_it=None`: 4 rates per decade from 1e-4 to 1,
+17 in all, at most one per batch), because a sweep that sees the same images again shows the loss falling whatever the
+rate. It stops a decade past the edge (below), which it has then measured: 11 to 16 steps on the benchmark's rows. From `min_batches` (20) batches per epoch up it always runs; below, fastai's rule is used
 (`fallback_lr`), or, with `RangeTest(small_data='held-out')`, a curve of the loss on a fixed batch of
 validation images the sweep never trains on.
 
@@ -75,7 +75,11 @@ def _running_mean(y: np.ndarray, width: int = 3) -> np.ndarray:
     return np.array([y[max(0, i - h):i + h + 1].mean() for i in range(len(y))])
 
 
-def edge(lrs, ratios, num_it=None, divisor: float = 5.0, floor: float = 0.05):
+EDGE_FLOOR = 0.05
+"Step ratios below this count as this when `edge` reads the curve."
+
+
+def edge(lrs, ratios, num_it=None, divisor: float = 5.0, floor: float = EDGE_FLOOR):
     """"A point well before the sharp increase", read off the step-ratio curve: `edge / divisor`.
 
     `ratios[i]` is the loss of the batch of step `i` after that step over its loss before it (same
@@ -136,12 +140,14 @@ class RangeTest:
     - `stop_div`: stop once the loss diverges (after the first tenth): for 'edge', once the last 3
       steps' loss ratios average over 2, steps doubling their own batch's loss (the edge is behind by
       then); for fastai's suggestions, once the smoothed loss is 4x its best, as fastai does.
+    - `past_edge`: for 'edge', stop once the rate is `past_edge` times the edge of the curve so far
+      (the curve beyond is not read; None: sweep on to `end_lr` or divergence).
 
     fastai's own `lr_find` is `RangeTest(suggest='valley', start_lr=1e-7, end_lr=10, num_it=100)`.
     """
     suggest: str | Callable = "edge"
     held_out_suggest: str | Callable = "edge"
-    start_lr: float = 1e-5
+    start_lr: float = 1e-4
     end_lr: float = 1.0
     num_it: int | None = None
     per_decade: float = 4.0
@@ -151,6 +157,7 @@ class RangeTest:
     held_out: int = 64
     held_out_it: int = 30
     stop_div: bool = True
+    past_edge: float | None = 10.0
 
     def __post_init__(self):
         _suggester(self.suggest)
@@ -167,6 +174,9 @@ class RangeTest:
             raise ValueError(f"max_passes must be > 0 or None, got {self.max_passes}")
         if not isinstance(self.held_out, int) or self.held_out < 1:
             raise ValueError(f"held_out must be a sample count >= 1, got {self.held_out!r}")
+        if self.past_edge is not None and not (_is_number(self.past_edge) and math.isfinite(self.past_edge)
+                                               and self.past_edge > 1):
+            raise ValueError(f"past_edge must be None or a rate ratio > 1, got {self.past_edge!r}")
         if self.small_data not in ("fastai", "held-out"):
             raise ValueError(f"small_data must be 'fastai' or 'held-out', got {self.small_data!r}")
 
@@ -180,7 +190,7 @@ class RangeTest:
             return None
         wanted = math.ceil(self.per_decade * math.log10(self.end_lr / self.start_lr)) + 1
         room = n_batches if self.max_passes is None else int(self.max_passes * n_batches)
-        return max(min(wanted, room), self.min_batches) if room >= self.min_batches else None
+        return min(wanted, room) if room >= self.min_batches else None
 
 
 def held_out_batch(learn: Learner, n: int):
@@ -208,9 +218,11 @@ class _Sweep(ParamScheduler):
     that stay out of `lr_find` stay out of this too.
     """
 
-    def __init__(self, start, end, num_it: int, stop_div: bool, skip: int, held_out=None, paired: bool = False):
+    def __init__(self, start, end, num_it: int, stop_div: bool, skip: int, held_out=None, paired: bool = False,
+                 past_edge: float | None = None):
         super().__init__({"lr": SchedExp(start, end)})
         self.num_it, self.stop_div, self.skip, self.held_out = num_it, stop_div, skip, held_out
+        self.past_edge = past_edge
         self.paired = paired and held_out is None
         self.ratio: list[float] = []
         self.lrs: list[float] = []
@@ -251,8 +263,17 @@ class _Sweep(ParamScheduler):
             self.best = min(self.best, value)
             if self.stop_div and (track > limit or not math.isfinite(track)):
                 raise CancelFitException()
-        if self.train_iter >= self.num_it:
+        if self.train_iter >= self.num_it or self._past_edge():
             raise CancelFitException()
+
+    def _past_edge(self) -> bool:
+        """The rate is `past_edge` times the edge of the step-ratio curve so far (as `edge` reads it,
+        over the points whose 3-point mean is complete), and that edge is a real one (a step helped)."""
+        if not (self.paired and self.past_edge) or len(self.ratio) < 6:
+            return False
+        s = _running_mean(np.log(np.clip(np.nan_to_num(self.ratio, nan=np.inf), EDGE_FLOOR, None)))[:-1]
+        i = int(np.argmin(s))
+        return s[i] < 0 and self.lrs[-1] >= self.past_edge * self.lrs[i]
 
     def _loss_after_step(self) -> float:
         """The loss of the batch just trained on, after the step: the same forward pass as the step's
@@ -326,7 +347,7 @@ def _sweep(learn: Learner, config: RangeTest, num_it: int, ratios: np.ndarray, h
             dev = next(learn.model.parameters()).device
             held = None if held is None else (held[0].to(dev), held[1].to(dev))
             sweep = _Sweep(config.start_lr * ratios, config.end_lr * ratios, num_it, config.stop_div,
-                           num_it // 10, held, paired)
+                           num_it // 10, held, paired, config.past_edge)
             with shielded_callbacks(learn, paused, kept), learn.no_logging():
                 learn.fit(num_it // n_batches + 1, cbs=sweep)
             out = sweep.lrs, sweep.raw, sweep.ratio if sweep.paired else sweep.smooth
@@ -417,12 +438,17 @@ def range_test(learn: Learner, config: RangeTest = RangeTest(), lr_mult: float |
     plan = _plan(learn, config, n_batches)
     if isinstance(plan, str):
         return _fallback(_suggester(config.held_out_suggest)[0], plan, fallback_lr)
-    if learn.opt is None:
+    created = learn.opt is None  # the sweep needs one; a Learner that had none gets none back
+    if created:
         learn.create_opt()
-    n_groups = len(learn.opt.param_lists)
-    ratios = np.array(even_mults(1 / lr_mult, 1.0, n_groups)) if lr_mult and n_groups > 1 else np.ones(n_groups)
-    t0 = time.perf_counter()
-    full_lrs, raw, values = _sweep(learn, config, plan.num_it, ratios, plan.held, plan.whole)
+    try:
+        n_groups = len(learn.opt.param_lists)
+        ratios = np.array(even_mults(1 / lr_mult, 1.0, n_groups)) if lr_mult and n_groups > 1 else np.ones(n_groups)
+        t0 = time.perf_counter()
+        full_lrs, raw, values = _sweep(learn, config, plan.num_it, ratios, plan.held, plan.whole)
+    finally:
+        if created:
+            learn.opt = None
     fields, reason, lr, point = _read(plan, full_lrs, values)
     fields.update(seconds=time.perf_counter() - t0, full_lrs=list(full_lrs), full_losses=list(raw))
     if reason:

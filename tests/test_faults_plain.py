@@ -407,6 +407,7 @@ def test_range_test_on_a_learner_without_an_optimizer_restores_everything(make_l
         rt = range_test(learn, RangeTest())
     assert not rt.fell_back and rt.suggestion > 0
     _same(learn, before)
+    assert learn.opt is None  # none was there: none is left (the next fit builds its own, as fastai does)
 
 
 def test_cache_features_passes_the_users_callbacks_to_both_phases(make_learner):

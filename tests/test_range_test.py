@@ -23,7 +23,7 @@ def test_sweep_is_sized_to_one_pass_from_20_batches(n_batches, runs):
     n = RangeTest().iterations(n_batches)
     assert (n is not None) == runs
     if runs:
-        assert 20 <= n <= n_batches and n <= 21  # 4 rates a decade from 1e-5 to 1, never a second pass
+        assert n == 17  # 4 rates a decade from 1e-4 to 1, within one pass (20 batches at least)
 
 
 def test_range_test_runs_at_20_batches_per_epoch(make_learner):
@@ -33,8 +33,37 @@ def test_range_test_runs_at_20_batches_per_epoch(make_learner):
         warnings.simplefilter("error")  # no fallback warning
         rt = range_test(learn, RangeTest(), lr_mult=100)
     assert not rt.fell_back and rt.method == "edge" and rt.curve == "training loss"
-    assert 5 <= len(rt.full_lrs) <= 21 and rt.full_lrs[0] == pytest.approx(1e-5)
+    assert 5 <= len(rt.full_lrs) <= 17 and rt.full_lrs[0] == pytest.approx(1e-4)
     assert rt.point is not None and rt.suggestion == pytest.approx(rt.point[0] / 5)
+
+
+def test_the_sweep_stops_a_decade_past_the_edge():
+    "The curve beyond a decade past its edge is not read: the sweep ends there, and the edge is the same."
+    from fastai_freeze.probe import _Sweep
+    lrs = [1e-4 * 10 ** (k / 4) for k in range(17)]
+    ratios = [0.9, 0.8, 0.7, 0.5, 0.3, 0.15, 0.08, 0.04, 0.03, 0.05, 0.1, 0.2, 0.4, 0.8, 1.5, 3, 5]
+    sweep = _Sweep(1e-4, 1.0, 17, True, 1, paired=True, past_edge=10)
+    stops = []
+    for n in range(1, 18):
+        sweep.lrs, sweep.ratio = lrs[:n], ratios[:n]
+        stops.append(sweep._past_edge())
+    assert stops.index(True) == 12  # the edge is at 1e-2 (step 8): the sweep ends at 1e-1, 4 steps on
+    assert edge(lrs[:13], ratios[:13]) == edge(lrs, ratios)
+    sweep.ratio = [1.1] * 17  # no step helped: no edge yet, the sweep goes on
+    assert not sweep._past_edge()
+    with pytest.raises(ValueError, match="past_edge"):
+        RangeTest(past_edge=1.0)
+
+
+def test_a_range_test_gives_the_data_order_back(make_learner):
+    "After a sweep the next pass over the data draws the order it would have drawn: two sweeps are one."
+    learn = make_learner(bs=4)
+    learn.unfreeze()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = range_test(learn, RangeTest(past_edge=None), lr_mult=100)
+        b = range_test(learn, RangeTest(past_edge=None), lr_mult=100)
+    assert a.full_losses == b.full_losses and a.losses == b.losses
 
 
 def test_record_and_warning_give_the_same_reason(make_learner):
