@@ -133,28 +133,55 @@ def inference_rates(net, args, repeats) -> dict:
     return interleaved({k: rate(m) for k, m in variants.items()}, repeats)
 
 
-BREAKDOWN_SWEEP = 30
-"Range-test iterations in the breakdown: its 32 batches per epoch are too few for the default 100 (fastai's rule)."
-
-
-def breakdown(net, args) -> tuple[dict, float]:
-    """Where the time of one fine_tune_with(2) goes (its record), and one fine_tune(2) of the same epochs.
-    The range test is one that runs on this data (`BREAKDOWN_SWEEP` iterations, one pass over it)."""
-    from fastai_freeze import RangeTest
-    learn = make_learner(net, args, n_batches=4 * args.batches)
+def _ftw(net, args, n_batches=None, **kw):
+    "One fine_tune_with(2) (on 4 x `--batches` batches per epoch by default: the range test runs there)."
+    learn = make_learner(net, args, n_batches=n_batches or 4 * args.batches)
     with learn.no_bar(), learn.no_logging():
-        rec = learn.fine_tune_with(2, range_test=RangeTest(num_it=BREAKDOWN_SWEEP))
+        return learn.fine_tune_with(2, **kw)
+
+
+def _ft(net, args, n_batches=None) -> float:
+    learn = make_learner(net, args, n_batches=n_batches)
+    with learn.no_bar(), learn.no_logging():
+        t0 = time.perf_counter()
+        learn.fine_tune(2)
+        return time.perf_counter() - t0
+
+
+def breakdown(net, args) -> tuple[dict, dict, dict]:
+    """Where the time of one fine_tune_with(2) goes (its record); fine_tune_with without a sweep against
+    fastai's fine_tune, interleaved; what bn='adapt' costs against one eval pass over the same images."""
+    rec = _ftw(net, args)
     parts = {"deciding the BN policy (the probe)": rec.bn.seconds, "carrying it out (estimate, fold)": rec.bn.apply_seconds}
     for p in rec.phases:
         if p.range_test is not None:
-            parts[f"range test before the {p.name} phase"] = p.range_test.seconds
+            parts[f"range test before the {p.name} phase ({len(p.range_test.full_lrs)} steps)"] = p.range_test.seconds
         parts[f"{p.name} ({p.epochs_run} epoch(s))"] = p.seconds
     parts["total"] = rec.seconds
-    other = make_learner(net, args, n_batches=4 * args.batches)
-    with other.no_bar(), other.no_logging():
+    adapted = []
+
+    def with_adapt() -> float:
+        adapted.append(_ftw(net, args, args.batches, range_test=False, bn="adapt"))
+        return adapted[-1].seconds
+    pair = interleaved({
+        "fastai's fine_tune(2)": lambda: _ft(net, args, args.batches),
+        "fine_tune_with(2, range_test=False)": lambda: _ftw(net, args, args.batches, range_test=False).seconds,
+        "fine_tune_with(2, range_test=False, bn='adapt')": with_adapt,
+    }, args.repeats)
+    learn = make_learner(net, args)
+    from fastai_freeze.internals import in_order
+    dl = in_order(learn.dls.train, 64)
+
+    def eval_pass():
+        learn.model.eval()
         t0 = time.perf_counter()
-        other.fine_tune(2)
-    return parts, time.perf_counter() - t0
+        with torch.inference_mode():
+            for xb, _ in dl:
+                learn.model(xb)
+        return time.perf_counter() - t0
+    ev = statistics.median(eval_pass() for _ in range(args.repeats))
+    est = statistics.median(r.bn.apply_seconds for r in adapted)
+    return parts, pair, {"one eval pass over the training images": ev, "bn='adapt': estimate and fold": est}
 
 
 def run_network(net, args) -> list[str]:
@@ -192,7 +219,7 @@ def run_network(net, args) -> list[str]:
         "+ WeightDiagnostics (every batch)": lambda: fit_time(diag, [WeightDiagnostics()]),
     }, args.repeats)
     inf = inference_rates(net, args, max(args.repeats, 5))
-    parts, fine_tune_secs = breakdown(net, args)
+    parts, pair, adapt = breakdown(net, args)
 
     ref, unf = epochs["frozen, fastai default (train_bn=True)"], epochs["unfrozen (reference)"]
     lines = [f"## {net}\n", "**One epoch**\n",
@@ -221,14 +248,33 @@ def run_network(net, args) -> list[str]:
                "+ WeightDiagnostics (every batch)": "plain unfrozen epoch"}
     for k, v in overhead.items():
         lines.append(f"| {k} | {v:.2f} | {v / overhead[base_of.get(k, k)] - 1:+.1%} |")
-    lines += ["", f"**One `fine_tune_with(2, range_test=RangeTest(num_it={BREAKDOWN_SWEEP}))`, and one `fine_tune(2)`** "
-              f"({4 * args.batches} training batches per epoch; otherwise the defaults)\n",
-              "| part | seconds | share |", "|---|---|---|"]
+    swept = "runs" if any(k.startswith("range test") and v > 0 for k, v in parts.items()) else "falls back to fastai's rule"
+    lines += ["", f"**One `fine_tune_with(2)` with the defaults** ({4 * args.batches} training batches per epoch: the "
+              f"range test {swept}; from its record)\n", "| part | seconds | share |", "|---|---|---|"]
     for k, v in parts.items():
         lines.append(f"| {k} | {v:.2f} | {v / parts['total']:.0%} |")
-    lines += [f"| fastai's fine_tune(2), the same epochs | {fine_tune_secs:.2f} | "
-              f"{fine_tune_secs / parts['total']:.0%} |", ""]
+    ft = pair["fastai's fine_tune(2)"]
+    lines += ["", "**Where no sweep runs: `fine_tune_with` against fastai's `fine_tune`** (the same epochs, "
+              f"{args.batches} training batches per epoch, median of {args.repeats} interleaved)\n", "| run | seconds | vs fine_tune |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.2f} | {v / ft - 1:+.1%} |" for k, v in pair.items()]
+    ev = adapt["one eval pass over the training images"]
+    lines += ["", "**bn='adapt' against one eval pass over the same images**\n", "| pass | seconds | vs one eval pass |",
+              "|---|---|---|"] + [f"| {k} | {v:.2f} | {v / ev:.2f}x |" for k, v in adapt.items()] + [""]
     return lines
+
+
+def cold_start(args) -> list[str]:
+    """The first `fine_tune_with` of this process against the second, the same run (EfficientNet-Lite0):
+    what a first call pays once (lazy initialisation, first allocations), part by part."""
+    runs = [_ftw("efficientnet_lite0", args, args.batches, range_test=False) for _ in range(2)]
+    rows = [("deciding the BN policy (the probe)", lambda r: r.bn.seconds),
+            ("warm-up (1 epoch)", lambda r: r.phases[0].seconds), ("total", lambda r: r.seconds)]
+    lines = ["## Cold start (efficientnet_lite0, `fine_tune_with(2, range_test=False)`, the first two calls of "
+             "this process)\n", "| part | first call (s) | second call (s) | first / second |", "|---|---|---|---|"]
+    for name, f in rows:
+        a, b = f(runs[0]), f(runs[1])
+        lines.append(f"| {name} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
+    return lines + [""]
 
 
 def main(argv=None):
@@ -241,7 +287,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     t_start = time.perf_counter()
-    body = []
+    body = cold_start(args)
     for net in args.networks.split(","):
         body += run_network(net, args)
     total = time.perf_counter() - t_start
