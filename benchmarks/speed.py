@@ -133,11 +133,26 @@ def inference_rates(net, args, repeats) -> dict:
     return interleaved({k: rate(m) for k, m in variants.items()}, repeats)
 
 
-def _ftw(net, args, n_batches=None, **kw):
-    "One fine_tune_with(2) (on 4 x `--batches` batches per epoch by default: the range test runs there)."
+def _ftw(net, args, n_batches=None, before=None, **kw):
+    """One fine_tune_with(2) (on 4 x `--batches` batches per epoch by default: the range test runs there);
+    `before(learn)` runs first, on the same Learner."""
     learn = make_learner(net, args, n_batches=n_batches or 4 * args.batches)
+    if before is not None:
+        before(learn)
     with learn.no_bar(), learn.no_logging():
         return learn.fine_tune_with(2, **kw)
+
+
+def _eval_pass(learn) -> float:
+    "Seconds for one eval pass (inference mode) over the training images, in order, batches of 64."
+    from fastai_freeze.internals import in_order
+    dl = in_order(learn.dls.train, 64)
+    learn.model.eval()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for xb, _ in dl:
+            learn.model(xb)
+    return time.perf_counter() - t0
 
 
 def _ft(net, args, n_batches=None) -> float:
@@ -158,28 +173,18 @@ def breakdown(net, args) -> tuple[dict, dict, dict]:
             parts[f"range test before the {p.name} phase ({len(p.range_test.full_lrs)} steps)"] = p.range_test.seconds
         parts[f"{p.name} ({p.epochs_run} epoch(s))"] = p.seconds
     parts["total"] = rec.seconds
-    adapted = []
+    adapted, passes = [], []
 
-    def with_adapt() -> float:
-        adapted.append(_ftw(net, args, args.batches, range_test=False, bn="adapt"))
+    def with_adapt() -> float:  # an eval pass on the same Learner just before: the two side by side
+        adapted.append(_ftw(net, args, args.batches, before=lambda lr: passes.append(_eval_pass(lr)),
+                            range_test=False, bn="adapt"))
         return adapted[-1].seconds
     pair = interleaved({
         "fastai's fine_tune(2)": lambda: _ft(net, args, args.batches),
         "fine_tune_with(2, range_test=False)": lambda: _ftw(net, args, args.batches, range_test=False).seconds,
         "fine_tune_with(2, range_test=False, bn='adapt')": with_adapt,
     }, args.repeats)
-    learn = make_learner(net, args)
-    from fastai_freeze.internals import in_order
-    dl = in_order(learn.dls.train, 64)
-
-    def eval_pass():
-        learn.model.eval()
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            for xb, _ in dl:
-                learn.model(xb)
-        return time.perf_counter() - t0
-    ev = statistics.median(eval_pass() for _ in range(args.repeats))
+    ev = statistics.median(passes)
     est = statistics.median(r.bn.apply_seconds for r in adapted)
     return parts, pair, {"one eval pass over the training images": ev, "bn='adapt': estimate and fold": est}
 
@@ -263,18 +268,49 @@ def run_network(net, args) -> list[str]:
     return lines
 
 
+def _cold_child(which: str, args) -> dict:
+    "In a fresh process: the first two calls of `which` ('fine_tune' or 'fine_tune_with'), part by part."
+    out = {}
+    for call in ("first", "second"):
+        if which == "fine_tune":
+            out[f"{call} total"] = _ft("efficientnet_lite0", args, args.batches)
+        else:
+            r = _ftw("efficientnet_lite0", args, args.batches, range_test=False)
+            out.update({f"{call} probe": r.bn.seconds, f"{call} warm-up": r.phases[0].seconds,
+                        f"{call} total": r.seconds})
+    return out
+
+
 def cold_start(args) -> list[str]:
-    """The first `fine_tune_with` of this process against the second, the same run (EfficientNet-Lite0):
-    what a first call pays once (lazy initialisation, first allocations), part by part."""
-    runs = [_ftw("efficientnet_lite0", args, args.batches, range_test=False) for _ in range(2)]
-    rows = [("deciding the BN policy (the probe)", lambda r: r.bn.seconds),
-            ("warm-up (1 epoch)", lambda r: r.phases[0].seconds), ("total", lambda r: r.seconds)]
-    lines = ["## Cold start (efficientnet_lite0, `fine_tune_with(2, range_test=False)`, the first two calls of "
-             "this process)\n", "| part | first call (s) | second call (s) | first / second |", "|---|---|---|---|"]
-    for name, f in rows:
-        a, b = f(runs[0]), f(runs[1])
+    """What a first call pays once (imports done; lazy initialisation, first allocations): the first two
+    calls of `fine_tune_with(2, range_test=False)` and of fastai's `fine_tune(2)`, each pair in a fresh
+    process (EfficientNet-Lite0), the processes alternated `--repeats` times; medians."""
+    import json
+    import subprocess
+    import sys
+    got = {"fine_tune": [], "fine_tune_with": []}
+    for _ in range(args.repeats):
+        for which in got:
+            cmd = [sys.executable, __file__, "--cold-child", which, "--batches", str(args.batches),
+                   "--size", str(args.size), "--bs", str(args.bs)]
+            res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            got[which].append(json.loads(res.stdout.strip().splitlines()[-1]))
+    med = {w: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for w, rs in got.items()}
+    rows = [("fine_tune_with: deciding the BN policy (the probe)", med["fine_tune_with"], "probe"),
+            ("fine_tune_with: warm-up (1 epoch)", med["fine_tune_with"], "warm-up"),
+            ("fine_tune_with: total", med["fine_tune_with"], "total"),
+            ("fastai's fine_tune: total", med["fine_tune"], "total")]
+    lines = ["## Cold start (efficientnet_lite0, the first two calls in a fresh process, "
+             f"median of {args.repeats} processes each)\n",
+             "| part | first call (s) | second call (s) | first / second |", "|---|---|---|---|"]
+    for name, m, part in rows:
+        a, b = m[f"first {part}"], m[f"second {part}"]
         lines.append(f"| {name} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
-    return lines + [""]
+    extra = (med["fine_tune_with"]["first total"] - med["fine_tune_with"]["second total"],
+             med["fine_tune"]["first total"] - med["fine_tune"]["second total"])
+    lines += ["", f"What the first call pays once: {extra[0]:.1f} s for `fine_tune_with`, {extra[1]:.1f} s for "
+              "fastai's `fine_tune` on the same data.", ""]
+    return lines
 
 
 def main(argv=None):
@@ -284,8 +320,13 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=96)
     p.add_argument("--bs", type=int, default=64)
     p.add_argument("--networks", default="resnet18,efficientnet_lite0")
+    p.add_argument("--cold-child", choices=["fine_tune", "fine_tune_with"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    if args.cold_child:
+        import json
+        print(json.dumps(_cold_child(args.cold_child, args)))
+        return
     t_start = time.perf_counter()
     body = cold_start(args)
     for net in args.networks.split(","):
