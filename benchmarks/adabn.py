@@ -2,9 +2,10 @@
 
     python benchmarks/adabn.py [--images 1024] [--size 96] [--bs 64] [--repeats 3]
 
-timm's EfficientNet-Lite0 with its ImageNet weights (the packaged ones), synthetic images. Three
-timings, interleaved (ABC ABC ...) and the median taken, ratios within this one run:
-- one eval-mode forward pass over the images (no gradient): the floor;
+timm's EfficientNet-Lite0 with its ImageNet weights (the packaged ones), synthetic images. Four
+timings, interleaved (ABCD ABCD ...) and the median taken, ratios within this one run:
+- one eval-mode forward pass over the images (no gradient), as fastai's `validate` runs it: the floor;
+- the same with the batches in channels-last layout (what `recalibrate_bn` feeds on a CPU), for reference;
 - `recalibrate_bn` as it is: each BN layer's own batch statistics (read off its running statistics at
   momentum 1), merged across batches in float64: a training-mode forward pass, nothing more;
 - the same pass with each BN input copied to float64 and summed (sum and sum of squares), the way
@@ -61,7 +62,7 @@ def recalibrate_float64_sums(model, batches):
         # the library reads [count, mean, M2]; convert the reference's sums once the pass is done
         todo = [m for _, m in bnmod.bn_layers(model, include_folded=False)]
         with bnmod.recorded_moments(todo) as sums, bnmod.batch_statistics(model, todo):
-            bnmod._run_batches(model, batches, None, None)
+            bnmod._run_batches(model, batches, None, lambda m, b: m(b))  # as before: contiguous batches
         for m in todo:
             n, mean, m2 = conv["f"](sums[m])
             _, var, _ = bnmod._pooled(n, mean, m2)
@@ -93,7 +94,14 @@ def main(argv=None) -> None:
         for b in batches:
             model(b)
 
+    @torch.no_grad()
+    def eval_pass_cl():
+        model.eval()
+        for b in batches:
+            model(b.contiguous(memory_format=torch.channels_last))
+
     fns = {"one eval pass": eval_pass,
+           "one eval pass, channels-last input": eval_pass_cl,
            "recalibrate_bn": lambda: recalibrate_bn(m_new, batches),
            "float64 copies and sums (before)": torch.no_grad()(lambda: recalibrate_float64_sums(m_old, batches))}
     times = {k: [] for k in fns}

@@ -145,6 +145,18 @@ def test_recalibrate_is_exact_pooled_statistics():
     assert not model.training and not any(m.training for m in model.modules())
 
 
+def test_recalibrate_feeds_images_channels_last_on_cpu_and_leaves_the_batches_alone():
+    # the layout that makes the statistics pass cost about one eval pass on a CPU (benchmarks/adabn.py)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 2), nn.BatchNorm1d(2))
+    seen = []
+    model[0].register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].is_contiguous(memory_format=torch.channels_last)))
+    batches = [torch.randn(4, 3, 6, 6) for _ in range(2)]
+    kept = [b.clone() for b in batches]
+    recalibrate_bn(model, batches)
+    assert seen == [True, True]
+    assert all(b.is_contiguous() and torch.equal(b, k) for b, k in zip(batches, kept))
+
+
 def test_recalibrate_restores_modes_and_momentum_on_error():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
     model.train()
