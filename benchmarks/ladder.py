@@ -148,18 +148,19 @@ def _fastai(name, lrs, raw):
 
 
 CANDIDATES = {
-    "edge/5 (default)": lambda lrs, raw, ratio: _edge(lrs, ratio, 5),
-    "edge/2": lambda lrs, raw, ratio: _edge(lrs, ratio, 2),
+    "edge/2 (default)": lambda lrs, raw, ratio: _edge(lrs, ratio, 2),
+    "edge/1": lambda lrs, raw, ratio: _edge(lrs, ratio, 1),
     "edge/3": lambda lrs, raw, ratio: _edge(lrs, ratio, 3),
+    "edge/5": lambda lrs, raw, ratio: _edge(lrs, ratio, 5),
     "edge/10": lambda lrs, raw, ratio: _edge(lrs, ratio, 10),
-    "edge/5, no floor": lambda lrs, raw, ratio: lrs[int(np.argmin(_smooth_log(ratio)))] / 5,
+    "edge/2, no floor": lambda lrs, raw, ratio: lrs[int(np.argmin(_smooth_log(ratio)))] / 2,
     "overshoot/10": lambda lrs, raw, ratio: _overshoot(lrs, ratio) / 10,
     "overshoot/30": lambda lrs, raw, ratio: _overshoot(lrs, ratio) / 30,
     "valley": lambda lrs, raw, ratio: _fastai("valley", lrs, raw),
     "minimum": lambda lrs, raw, ratio: _fastai("minimum", lrs, raw),
 }
 """Suggestion rules compared on the same sweeps: the edge of the step-ratio curve (its minimum, ratios under
-0.05 counted as 0.05) over 2, 3, 5 and 10, the same edge without that floor, the overshoot (the ratio back at 1) over 10 and 30, and fastai's valley and minimum on the training loss."""
+0.05 counted as 0.05) over 1, 2, 3, 5 and 10, the same edge without that floor, the overshoot (the ratio back at 1) over 10 and 30, and fastai's valley and minimum on the training loss."""
 
 
 def candidates(run_: dict) -> dict[str, float | None]:

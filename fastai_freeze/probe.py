@@ -16,9 +16,11 @@ The *edge* is the rate at which a step is most effective (the minimum of the 3-p
 the log-ratio, ratios below `floor` = 0.05 counted as 0.05: a step that removes 95% of its batch's
 loss is as effective as a step usefully gets, below that the ratio measures how well one small batch
 is memorised); beyond it the curve turns up towards the rate at which a step makes things worse.
-The suggestion is `edge / 5` (the divisor with the smallest worst-case gap to the best of a grid of
-fixed rates on the benchmark's Fashion-MNIST rows, `benchmarks/ladder.py`). fastai's `valley`, `slide`, `steep` and `minimum` remain available by
-name; they get fastai's curve (its smoothed loss, the first tenth and the last five points cut).
+The suggestion is `edge / 2`: of the divisors 1, 1.5, 2, 3 and 5, one of the two closest (with 1.5) to
+the best of a grid of fixed rates on the benchmark's first four seeds per row (`benchmarks/ladder.py`),
+and better than the earlier `edge / 5` on four new seeds of the two small rows, which it was not chosen
+on. fastai's `valley`, `slide`, `steep` and `minimum` remain available by name; they get fastai's curve
+(its smoothed loss, the first tenth and the last five points cut).
 
 With `lr_mult`, the sweep moves every group's rate together, at the ratios of the discriminative
 slice `slice(lr / lr_mult, lr)` the result will be used with, and the suggestion is the top (head
@@ -75,11 +77,16 @@ def _running_mean(y: np.ndarray, width: int = 3) -> np.ndarray:
     return np.array([y[max(0, i - h):i + h + 1].mean() for i in range(len(y))])
 
 
+def _first_min(s: np.ndarray) -> int:
+    "The first index at the minimum (rounding-level differences count as ties: a floor of equal windows)."
+    return int(np.flatnonzero(s <= np.nanmin(s) + 1e-12)[0])
+
+
 EDGE_FLOOR = 0.05
 "Step ratios below this count as this when `edge` reads the curve."
 
 
-def edge(lrs, ratios, num_it=None, divisor: float = 5.0, floor: float = EDGE_FLOOR):
+def edge(lrs, ratios, num_it=None, divisor: float = 2.0, floor: float = EDGE_FLOOR):
     """"A point well before the sharp increase", read off the step-ratio curve: `edge / divisor`.
 
     `ratios[i]` is the loss of the batch of step `i` after that step over its loss before it (same
@@ -97,7 +104,9 @@ def edge(lrs, ratios, num_it=None, divisor: float = 5.0, floor: float = EDGE_FLO
     if not 0 < floor < 1:
         raise ValueError(f"floor must be a ratio in (0, 1), got {floor!r}")
     s = _running_mean(np.log(np.clip(r, floor, None)))
-    i = int(np.argmin(s))
+    if not np.isfinite(s).any():
+        raise ValueError("the curve has no finite point")
+    i = _first_min(s)
     if i == 0:
         raise ValueError(f"the steps do worse from the first rate on (edge at {lrs[0]:.2g}): start_lr is too high")
     if s[i] >= 0:
@@ -141,7 +150,8 @@ class RangeTest:
       steps' loss ratios average over 2, steps doubling their own batch's loss (the edge is behind by
       then); for fastai's suggestions, once the smoothed loss is 4x its best, as fastai does.
     - `past_edge`: for 'edge', stop once the rate is `past_edge` times the edge of the curve so far
-      (the curve beyond is not read; None: sweep on to `end_lr` or divergence).
+      (the curve beyond is not read; None: sweep on to `end_lr` or divergence), or once three steps in
+      a row are at the floor (the edge can no longer move).
 
     fastai's own `lr_find` is `RangeTest(suggest='valley', start_lr=1e-7, end_lr=10, num_it=100)`.
     """
@@ -219,10 +229,10 @@ class _Sweep(ParamScheduler):
     """
 
     def __init__(self, start, end, num_it: int, stop_div: bool, skip: int, held_out=None, paired: bool = False,
-                 past_edge: float | None = None):
+                 past_edge: float | None = None, final_at_floor: bool = False):
         super().__init__({"lr": SchedExp(start, end)})
         self.num_it, self.stop_div, self.skip, self.held_out = num_it, stop_div, skip, held_out
-        self.past_edge = past_edge
+        self.past_edge, self.final_at_floor = past_edge, final_at_floor
         self.paired = paired and held_out is None
         self.ratio: list[float] = []
         self.lrs: list[float] = []
@@ -268,12 +278,15 @@ class _Sweep(ParamScheduler):
 
     def _past_edge(self) -> bool:
         """The rate is `past_edge` times the edge of the step-ratio curve so far (as `edge` reads it,
-        over the points whose 3-point mean is complete), and that edge is a real one (a step helped)."""
+        over the points whose 3-point mean is complete), and that edge is a real one (a step helped).
+        With `final_at_floor` (the suggestion is `edge` itself), also once a complete 3-point window is
+        at the floor: no later point can count lower, so `edge` reads the same edge off the whole curve."""
         if not (self.paired and self.past_edge) or len(self.ratio) < 6:
             return False
         s = _running_mean(np.log(np.clip(np.nan_to_num(self.ratio, nan=np.inf), EDGE_FLOOR, None)))[:-1]
-        i = int(np.argmin(s))
-        return s[i] < 0 and self.lrs[-1] >= self.past_edge * self.lrs[i]
+        i = _first_min(s)
+        at_floor = self.final_at_floor and i > 0 and s[i] <= math.log(EDGE_FLOOR) + 1e-12
+        return s[i] < 0 and (at_floor or self.lrs[-1] >= self.past_edge * self.lrs[i])
 
     def _loss_after_step(self) -> float:
         """The loss of the batch just trained on, after the step: the same forward pass as the step's
@@ -347,7 +360,7 @@ def _sweep(learn: Learner, config: RangeTest, num_it: int, ratios: np.ndarray, h
             dev = next(learn.model.parameters()).device
             held = None if held is None else (held[0].to(dev), held[1].to(dev))
             sweep = _Sweep(config.start_lr * ratios, config.end_lr * ratios, num_it, config.stop_div,
-                           num_it // 10, held, paired, config.past_edge)
+                           num_it // 10, held, paired, config.past_edge, _suggester(config.suggest)[1] is edge)
             with shielded_callbacks(learn, paused, kept), learn.no_logging():
                 learn.fit(num_it // n_batches + 1, cbs=sweep)
             out = sweep.lrs, sweep.raw, sweep.ratio if sweep.paired else sweep.smooth

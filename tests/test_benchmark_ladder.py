@@ -31,7 +31,7 @@ def test_quick_ladder_writes_every_column(ladder, tmp_path):
     defaults = next(r for r in runs if r["kind"] == "defaults")
     assert not defaults["fell_back"] and defaults["curve"]["ratio"]  # 25 batches: the range test ran
     text = out.with_suffix(".md").read_text()
-    assert "| fashion-200-quick | 200 | 8 | 25 |" in text and "edge/5 (default)" in text and "Targets:" in text
+    assert "| fashion-200-quick | 200 | 8 | 25 |" in text and "edge/2 (default)" in text and "Targets:" in text
 
 
 def test_interpolation_between_grid_rates(ladder):

@@ -34,7 +34,7 @@ def test_range_test_runs_at_20_batches_per_epoch(make_learner):
         rt = range_test(learn, RangeTest(), lr_mult=100)
     assert not rt.fell_back and rt.method == "edge" and rt.curve == "training loss"
     assert 5 <= len(rt.full_lrs) <= 17 and rt.full_lrs[0] == pytest.approx(1e-4)
-    assert rt.point is not None and rt.suggestion == pytest.approx(rt.point[0] / 5)
+    assert rt.point is not None and rt.suggestion == pytest.approx(rt.point[0] / 2)
 
 
 def test_the_sweep_stops_a_decade_past_the_edge():
@@ -53,6 +53,23 @@ def test_the_sweep_stops_a_decade_past_the_edge():
     assert not sweep._past_edge()
     with pytest.raises(ValueError, match="past_edge"):
         RangeTest(past_edge=1.0)
+
+
+def test_the_sweep_stops_once_the_edge_is_at_the_floor():
+    "Three steps in a row at the floor: no later point can count lower, so the edge is final and the sweep ends."
+    from fastai_freeze.probe import _Sweep
+    lrs = [1e-4 * 10 ** (k / 4) for k in range(17)]
+    ratios = [0.9, 0.7, 0.4, 0.2, 0.04, 0.03, 0.05, 0.01, 0.02, 0.2, 0.6, 1.0, 1.5, 2, 3, 5, 8]
+    stops = {}
+    for final in (True, False):
+        sweep = _Sweep(1e-4, 1.0, 17, True, 1, paired=True, past_edge=10, final_at_floor=final)
+        for n in range(1, 18):
+            sweep.lrs, sweep.ratio = lrs[:n], ratios[:n]
+            if sweep._past_edge():
+                stops[final] = n
+                break
+    assert stops == {True: 7, False: 10}  # the window 0.04, 0.03, 0.05 is complete at step 7; a decade on is step 10
+    assert edge(lrs[:7], ratios[:7]) == edge(lrs[:10], ratios[:10]) == edge(lrs, ratios)
 
 
 def test_a_range_test_gives_the_data_order_back(make_learner):
@@ -92,7 +109,7 @@ def test_edge_is_the_most_effective_step_over_five():
     ratios = np.r_[np.linspace(0.99, 0.2, 12), [0.1, 0.05, 0.08, 0.3, 0.9, 1.5, 3.0, 6.0, 9.0]]
     lr, (at, r) = edge(lrs, ratios)
     i = int(np.argmin(np.convolve(np.log(ratios), np.ones(3) / 3, mode="same")[1:-1])) + 1
-    assert at == pytest.approx(lrs[i]) and lr == pytest.approx(lrs[i] / 5) and 12 <= i <= 14
+    assert at == pytest.approx(lrs[i]) and lr == pytest.approx(lrs[i] / 2) and 12 <= i <= 14
 
 
 def test_edge_takes_the_start_of_a_floor_of_memorised_batches():
@@ -215,4 +232,4 @@ def test_held_out_edge_reads_the_loss_relative_to_its_start(make_learner):
     assert not [w for w in caught if "range test not used" in str(w.message)]
     assert rt.curve.startswith("held-out loss, relative") and not rt.fell_back
     assert rt.losses[0] == pytest.approx(1.0) and min(rt.losses) < 1
-    assert rt.suggestion == pytest.approx(rt.point[0] / 5)
+    assert rt.suggestion == pytest.approx(rt.point[0] / 2)
