@@ -152,9 +152,36 @@ def test_recalibrate_feeds_images_channels_last_on_cpu_and_leaves_the_batches_al
     model[0].register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].is_contiguous(memory_format=torch.channels_last)))
     batches = [torch.randn(4, 3, 6, 6) for _ in range(2)]
     kept = [b.clone() for b in batches]
-    recalibrate_bn(model, batches)
-    assert seen == [True, True]
+    report = recalibrate_bn(model, (b for b in batches))  # any iterable: the layout trial gives its batch back
+    assert report.batches == 2 and report.samples == 8
+    assert seen == [True, True, True]  # a one-image trial, then the two batches
     assert all(b.is_contiguous() and torch.equal(b, k) for b, k in zip(batches, kept))
+
+
+class _ViewHead(nn.Module):
+    "A user's forward with `view` on a feature map: it needs contiguous activations."
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(64, 2)
+
+    def forward(self, x):
+        x = self.bn(self.conv(x))
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_recalibrate_keeps_contiguous_batches_where_the_model_needs_them():
+    torch.manual_seed(0)
+    model = _ViewHead().eval()
+    batches = [torch.randn(4, 3, 6, 6) for _ in range(3)]
+    with pytest.raises(RuntimeError, match="view"):
+        model(batches[0].contiguous(memory_format=torch.channels_last))
+    report = recalibrate_bn(model, batches)
+    assert report.batches == 3 and report.samples == 12
+    with torch.no_grad():
+        f = torch.cat([model.conv(b) for b in batches]).transpose(0, 1).reshape(4, -1).double()
+    assert_close(model.bn.running_mean, f.mean(1).float(), rtol=1e-5, atol=1e-6)
+    assert_close(model.bn.running_var, f.var(1).float(), rtol=1e-5, atol=1e-6)
+    assert not model.training
 
 
 def test_recalibrate_restores_modes_and_momentum_on_error():

@@ -12,6 +12,7 @@ error that names it (its `forward` may do anything); `register_bn_layer` makes i
 """
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -362,8 +363,9 @@ def _layers_with_stats(model: nn.Module, layers: Iterable[nn.Module] | None, wha
     return todo
 
 
-def _run_batches(model: nn.Module, batches: Iterable, max_batches: int | None, forward: Callable | None) -> tuple[int, int]:
-    "Feed `batches` to `model`; returns (batches, samples)."
+def _run_batches(model: nn.Module, batches: Iterable, max_batches: int | None, forward: Callable | None,
+                 channels_last: bool = False) -> tuple[int, int]:
+    "Feed `batches` to `model` (images channels-last if asked, see `pass_layout`); returns (batches, samples)."
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be None or >= 1, got {max_batches}")
     device = device_of(model)
@@ -373,22 +375,48 @@ def _run_batches(model: nn.Module, batches: Iterable, max_batches: int | None, f
             break
         x = first_tensor(b)
         if forward is None:
-            model(_pass_input(x, device))
+            model(to_pass_input(x, device, channels_last))
         else:
             forward(model, b)
         nb, ns = nb + 1, ns + x.shape[0]
     return nb, ns
 
 
-def _pass_input(x: torch.Tensor, device) -> torch.Tensor:
-    """A batch of images on the model's device; on a CPU, channels-last: the convolutions then keep that
-    layout through the network and a statistics pass costs about one eval pass (`benchmarks/adabn.py`).
-    The values, and the statistics up to float rounding, are the same."""
+def to_pass_input(x: torch.Tensor, device, channels_last: bool = False) -> torch.Tensor:
+    "A batch on the model's device, channels-last if asked."
     if device is not None:
         x = x.to(device)
-    if x.dim() == 4 and x.is_floating_point() and x.device.type == "cpu":
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def channels_last_ok(model: nn.Module, x) -> bool:
+    """Whether a no-grad pass can feed `model` these images channels-last: on a CPU, for 4-D float
+    batches, when one image goes through in that layout (eval mode, modes restored; a `view` of a
+    feature map in a user's forward needs contiguous activations). The convolutions then keep that
+    layout through the network, and a statistics pass costs about one eval pass (`benchmarks/adabn.py`);
+    the values, and the statistics up to float rounding, are the same."""
+    device = device_of(model)
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point() or len(x) == 0 \
+            or (device if device is not None else x.device).type != "cpu":
+        return False
+    try:
+        with torch.no_grad(), kept_modes(model):
+            model.eval()
+            model(to_pass_input(x[:1], device, True))
+    except RuntimeError:
+        return False
+    return True
+
+
+def pass_layout(model: nn.Module, batches: Iterable, forward: Callable | None = None) -> tuple[Iterable, bool]:
+    """`(batches, channels_last)` for a statistics pass: the first batch is read (and given back in front
+    of the rest, so any iterable works) and tried by `channels_last_ok`, before any hook is in place."""
+    if forward is not None:
+        return batches, False
+    it = iter(batches)
+    for first in it:
+        return itertools.chain([first], it), channels_last_ok(model, first_tensor(first))
+    return [], False
 
 
 def _feed_inputs(model: nn.Module, batch, n_inp: int) -> None:
@@ -493,9 +521,10 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, forward: Callable | None
     todo = _layers_with_stats(model, layers, "recalibrate_bn")
     mods = [m for _, m in todo]
     own = [m for m in mods if not _kind(m).fixed]  # they compute their batch statistics themselves
+    batches, channels_last = pass_layout(model, batches, forward)
     with recorded_moments([m for m in mods if m not in own]) as sums, batch_statistics(model, mods), \
             _moments_from_bn(own, sums):
-        nb, ns = _run_batches(model, batches, max_batches, forward)
+        nb, ns = _run_batches(model, batches, max_batches, forward, channels_last)
     if nb == 0:
         raise ValueError("recalibrate_bn: `batches` yielded no batch")
     new = {}
@@ -573,9 +602,10 @@ def bn_shift(model: nn.Module, batches: Iterable, max_batches: int | None = 8,
     reaches are left out and named; a non-finite measurement raises `ValueError`.
     """
     todo = _layers_with_stats(model, layers, "bn_shift")
+    batches, channels_last = pass_layout(model, batches)
     with recorded_moments([m for _, m in todo]) as stats, kept_modes(model):
         model.eval()
-        _, ns = _run_batches(model, batches, max_batches, None)
+        _, ns = _run_batches(model, batches, max_batches, None, channels_last)
     if ns == 0:
         raise ValueError("bn_shift: `batches` yielded no batch")
     out = {name: shift_kl(m, *stats[m]) for name, m in todo if m in stats}
