@@ -2,14 +2,9 @@
 
 **The sweep** trains one batch per rate, the rates rising geometrically from `start_lr` to `end_lr`
 (fastai's `LRFinder` schedule), and records each batch's loss. Every batch is new: the sweep is
-sized to fit in one pass over the training set (`num_it=None`: 4 rates per decade from 1.8e-4 to 1,
-16 in all, at most one per batch), because a sweep that sees the same images again shows the loss
-falling whatever the rate. It stops once the edge (below) is final: three steps in a row at the floor,
-or a decade past it: 6 to 15 steps on the benchmark's rows. It starts at 1.8e-4, the second rate of a
-sweep from 1e-4: on the 22 curves of `benchmarks/ladder.py` the first point never changed the
-suggestion (the lowest edge was the fourth rate), and each point is a training step, while an edge
-below 3.2e-4 (a top rate under 1.6e-4) is where fastai's 1e-3 did as well on the grid. From
-`min_batches` (20) batches per epoch up it always runs; below, fastai's rule is used
+sized to fit in one pass over the training set (`num_it=None`: 4 rates per decade from 1e-4 to 1,
+17 in all, at most one per batch), because a sweep that sees the same images again shows the loss falling whatever the
+rate. It stops a decade past the edge (below), which it has then measured: 11 to 16 steps on the benchmark's rows. From `min_batches` (20) batches per epoch up it always runs; below, fastai's rule is used
 (`fallback_lr`), or, with `RangeTest(small_data='held-out')`, a curve of the loss on a fixed batch of
 validation images the sweep never trains on.
 
@@ -162,7 +157,7 @@ class RangeTest:
     """
     suggest: str | Callable = "edge"
     held_out_suggest: str | Callable = "edge"
-    start_lr: float = 10 ** -3.75  # 1.8e-4: the second rate of a sweep from 1e-4 (see the module's docstring)
+    start_lr: float = 1e-4
     end_lr: float = 1.0
     num_it: int | None = None
     per_decade: float = 4.0

@@ -23,7 +23,7 @@ def test_sweep_is_sized_to_one_pass_from_20_batches(n_batches, runs):
     n = RangeTest().iterations(n_batches)
     assert (n is not None) == runs
     if runs:
-        assert n == 16  # 4 rates a decade from 1.8e-4 to 1, within one pass (20 batches at least)
+        assert n == 17  # 4 rates a decade from 1e-4 to 1, within one pass (20 batches at least)
 
 
 def test_range_test_runs_at_20_batches_per_epoch(make_learner):
@@ -33,7 +33,7 @@ def test_range_test_runs_at_20_batches_per_epoch(make_learner):
         warnings.simplefilter("error")  # no fallback warning
         rt = range_test(learn, RangeTest(), lr_mult=100)
     assert not rt.fell_back and rt.method == "edge" and rt.curve == "training loss"
-    assert 5 <= len(rt.full_lrs) <= 16 and rt.full_lrs[0] == pytest.approx(10 ** -3.75)
+    assert 5 <= len(rt.full_lrs) <= 17 and rt.full_lrs[0] == pytest.approx(1e-4)
     assert rt.point is not None and rt.suggestion == pytest.approx(rt.point[0] / 2)
 
 
