@@ -3,8 +3,11 @@
 **The sweep** trains one batch per rate, the rates rising geometrically from `start_lr` to `end_lr`
 (fastai's `LRFinder` schedule), and records each batch's loss. Every batch is new: the sweep is
 sized to fit in one pass over the training set (`num_it=None`: 4 rates per decade from 1e-4 to 1,
-17 in all, at most one per batch), because a sweep that sees the same images again shows the loss falling whatever the
-rate. It stops a decade past the edge (below), which it has then measured: 11 to 16 steps on the benchmark's rows. From `min_batches` (20) batches per epoch up it always runs; below, fastai's rule is used
+17 in all, at most one per batch), because a sweep that sees the same images again shows the loss
+falling whatever the rate. It stops once the edge (below) is final: three steps in a row at the floor,
+or a decade past it: 6 to 15 steps on the benchmark's rows. It starts at 1e-4: starting one rate
+higher made the edge fall on the first rate of one small-data curve in eight (the range test then
+falls back). From `min_batches` (20) batches per epoch up it always runs; below, fastai's rule is used
 (`fallback_lr`), or, with `RangeTest(small_data='held-out')`, a curve of the loss on a fixed batch of
 validation images the sweep never trains on.
 
