@@ -30,7 +30,7 @@ __all__ = [
     "BNAffine", "UnknownBNLayerError", "register_bn_layer", "is_bn", "bn_layers", "bn_parameters",
     "bn_statistics", "post_norm_modules", "FoldReport", "fold_bn", "RecalibrationReport",
     "recalibrate_bn", "batch_statistics", "freeze_bn_layers", "set_bn_eval_mode", "ShiftReport", "bn_shift",
-    "shift_kl", "moments_hook", "recorded_moments",
+    "shift_kl", "moments_hook", "recorded_moments", "to_pass_input", "channels_last_ok", "pass_layout",
 ]
 
 
