@@ -233,8 +233,29 @@ class FineTuneSchedule:
 
     def start(self) -> None:
         "Decide and apply the BN policy, freeze the body (BN parameters as `freeze_bn` says)."
-        self.record.bn = self.policy_cb.resolve(self.learn)
-        self.learn.freeze_body(freeze_bn=self.record.bn.freeze_bn)
+        learn = self.learn
+        self._before = ({p: p.requires_grad for p in learn.model.parameters()},
+                        learn.opt.frozen_idx if learn.opt is not None else 0)
+        self.record.bn = self.policy_cb.resolve(learn)
+        learn.freeze_body(freeze_bn=self.record.bn.freeze_bn)
+
+    def give_back_freeze(self) -> bool:
+        """After an interrupt (an error, Ctrl-C) while groups are still frozen by this run: the Learner's
+        freeze state from before the run (its frozen groups and every parameter's `requires_grad`;
+        parameters a fold made new keep their own). Returns whether anything was given back."""
+        before, self._before = getattr(self, "_before", None), None
+        learn = self.learn
+        if before is None or learn.opt is None or not frozen_count(learn.opt):
+            return False
+        flags, idx = before
+        learn.freeze_to(idx)  # fastai's own: 0 unfreezes every group, train_bn as the Learner says
+        for p in learn.model.parameters():
+            if p in flags:
+                p.requires_grad_(flags[p])
+        self.record.notes.append("interrupted while groups were frozen by the run: the Learner's frozen groups "
+                                 "and parameter flags from before it were given back (the weights keep what "
+                                 "was trained)")
+        return True
 
     def rates(self, top: float) -> slice:
         "The discriminative slice whose top is `top`."
@@ -289,8 +310,8 @@ class FineTuneSchedule:
 
     def finish(self) -> None:
         """Give back what the policy changed for the fit. Stopped while groups are still frozen (an
-        interrupt in the warm-up), their BN parameters are left as `learn.freeze_body()` leaves
-        them, not as the warm-up had them."""
+        interrupt in the warm-up), their BN parameters are first left as `learn.freeze_body()` leaves
+        them; `give_back_freeze` then restores the freeze state from before the run."""
         self.policy_cb.cleanup()
         if frozen_count(self.learn.opt):
             set_frozen_bn_trainable(self.learn, not policy_freezes_bn(self.learn))
@@ -304,14 +325,18 @@ class FineTuneSchedule:
         learn, splitter = self.learn, self.learn.splitter
         cbs = ([] if self.policy_cb in learn.cbs else [self.policy_cb]) + ([FrozenPrefix()] if frozen_prefix else [])
         learn.add_cbs(cbs)
+        ended = False
         try:
             yield self
+            ended = True
         finally:
             learn.remove_cbs(cbs)
             self.finish()
             if learn.splitter is not splitter:
                 learn.splitter = splitter
                 rebuild_optimizer(learn)
+            if not ended:
+                self.give_back_freeze()
 
     def run(self, epochs: int, freeze_epochs: int, base_lr: float | None, rule: Unfreeze, gradual: Gradual | None,
             stop: Stop, cache_features: bool, fit_kwargs: dict) -> FineTuneRecord:
@@ -606,3 +631,5 @@ class FineTuneCallback(FitScopedCallback, PlateauTracker):
             if added and self.learn is not None:
                 self.learn.remove_cbs(added)
             sched.finish()
+            if reason != "fit ended":  # interrupted: the freeze state from before the fit, if still frozen
+                sched.give_back_freeze()

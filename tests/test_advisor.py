@@ -22,6 +22,18 @@ def test_logme_prefers_features_that_separate_the_classes():
         logme(np.zeros(5), np.zeros(5))
 
 
+@pytest.mark.parametrize("scale", [0.0, 1e-8, 1e8])
+def test_logme_is_finite_on_degenerate_features(scale):
+    "Constant features, and features of a huge scale that fit the labels exactly (D > N, as a random-weights"
+    " MobileOne gives): a finite score, not a division by zero."
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 64)
+    f = np.ones((64, 100)) if scale == 0 else rng.normal(size=(64, 200)) * scale
+    assert np.isfinite(logme(f, y))
+    ok = np.hstack([np.eye(4)[y] * 3 + rng.normal(0, 0.3, (64, 4)), rng.normal(0, 1, (64, 12))])
+    assert logme(ok, y) > logme(np.ones((64, 16)), y)
+
+
 def test_advice_is_deterministic_changes_nothing_and_applies(make_learner):
     learn = make_learner(bs=16)
     before = {k: v.clone() for k, v in learn.model.state_dict().items()}

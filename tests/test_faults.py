@@ -191,8 +191,10 @@ def test_an_interrupt_anywhere_in_fine_tune_with_leaves_nothing_behind(make_lear
     assert_clean(learn)
     rec = learn.fine_tune_record
     last = rec.phases[-1] if rec.phases else None
-    if phase == "warm-up":  # stopped in the warm-up: the body is as the warm-up left it (frozen)
-        assert last.name == "warm-up" and not all(p.requires_grad for p in learn.model[0].parameters())
+    if phase == "warm-up":  # stopped in the warm-up: the freeze state from before the run is back
+        assert last.name == "warm-up"
+        assert all(p.requires_grad == flags[p] for p in learn.model.parameters() if p in flags)
+        assert any("given back" in n for n in rec.notes)
     else:  # the range test restored the unfrozen model it ran on; the unfrozen phase leaves it unfrozen
         assert all(p.requires_grad for p in learn.model.parameters())
     if policy == "frozen":  # the flags the policy set for the warm-up are given back
@@ -202,6 +204,29 @@ def test_an_interrupt_anywhere_in_fine_tune_with_leaves_nothing_behind(make_lear
     # and the Learner still trains normally afterwards
     learn.fit(1, 1e-4)
     assert len(learn.recorder.values) == 1 and math.isfinite(learn.recorder.values[-1][0])
+
+
+@pytest.mark.parametrize("start", ["frozen", "unfrozen"])
+@pytest.mark.parametrize("dropin", [False, True])
+def test_an_interrupt_in_the_warm_up_gives_the_freeze_state_back(make_learner, start, dropin):
+    learn = make_learner(bs=16)
+    if start == "unfrozen":
+        learn.unfreeze()
+    else:
+        learn.freeze()
+    flags = {p: p.requires_grad for p in learn.model.parameters()}
+    idx = learn.opt.frozen_idx
+    interrupt = Interrupt("warm-up", at=2)
+    with pytest.raises(KeyboardInterrupt, match="injected"):
+        if dropin:
+            learn.fit_one_cycle(3, 1e-3, cbs=[FineTuneCallback(freeze_epochs=2, bn="frozen"), interrupt])
+        else:
+            learn.fine_tune_with(1, bn="frozen", cbs=[interrupt])
+    assert_clean(learn)
+    assert learn.opt.frozen_idx == idx
+    assert {p: p.requires_grad for p in learn.model.parameters()} == flags
+    if not dropin:
+        assert any("given back" in n for n in learn.fine_tune_record.notes)
 
 
 @pytest.mark.parametrize("policy", ["frozen", "fold", "train"])

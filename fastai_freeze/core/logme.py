@@ -53,6 +53,9 @@ def logme(features: np.ndarray, labels: np.ndarray, max_iter: int = 30) -> float
             gamma = float((sigma / (sigma + t)).sum())
             m2 = float((sigma * x2 / (t + sigma) ** 2).sum())
             res2 = float((x2 / (1 + sigma / t) ** 2).sum()) + res_out
+            # gamma (the effective number of parameters) reaches 0 on constant features and n when
+            # they fit the labels exactly (features of a huge scale, D >= N): kept inside (0, n)
+            gamma = min(max(gamma, 1e-12 * n), n * (1 - 1e-12))
             alpha, beta = gamma / (m2 + 1e-5), (n - gamma) / (res2 + 1e-5)
             if abs(alpha / beta - t) / t < 1e-3:
                 break
