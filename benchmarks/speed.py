@@ -189,6 +189,77 @@ def breakdown(net, args) -> tuple[dict, dict, dict]:
     return parts, pair, {"one eval pass over the training images": ev, "bn='adapt': estimate and fold": est}
 
 
+def _probe_before():
+    """The probe as it ran before: contiguous batches, and LogME's SVD in NumPy (whose BLAS pool runs as
+    many threads as there are cores, beside torch's). Restores both when done."""
+    import contextlib
+    import importlib
+
+    import numpy as np
+
+    logme_mod = importlib.import_module("fastai_freeze.core.logme")  # the module (the package exports a function of that name)
+
+    @contextlib.contextmanager
+    def ctx():
+        cl, svd = logme_mod.channels_last_ok, torch.linalg.svd
+
+        def numpy_svd(a, full_matrices=True):
+            return tuple(torch.from_numpy(t) for t in np.linalg.svd(a.numpy(), full_matrices=full_matrices))
+        logme_mod.channels_last_ok, torch.linalg.svd = (lambda *a, **k: False), numpy_svd
+        try:
+            yield
+        finally:
+            logme_mod.channels_last_ok, torch.linalg.svd = cl, svd
+    return ctx()
+
+
+def before_after(net, args) -> dict:
+    """The BN probe and the AdaBN estimate as they run now and as they ran before, side by side on the same
+    Learner and images (interleaved, medians): the only fair before/after on a shared machine."""
+    import contextlib
+    import copy as copy_
+
+    from adabn import recalibrate_float64_sums
+
+    from fastai_freeze.core.bn import recalibrate_bn
+    from fastai_freeze.core.logme import probe_bn_statistics
+    from fastai_freeze.internals import in_order
+    from fastai_freeze.policy import PROBE_SAMPLES
+    learn = make_learner(net, args)
+    model = learn.model
+    batches = [(xb.as_subclass(torch.Tensor), yb.as_subclass(torch.Tensor)) for xb, yb in in_order(learn.dls.train, 64)]
+    xs = [xb for xb, _ in batches]
+    copies = [copy_.deepcopy(model) for _ in range(3)]
+
+    @torch.no_grad()
+    def eval_pass():
+        model.eval()
+        for xb in xs:
+            model(xb)
+
+    def probe(before):
+        def run():
+            model.eval()
+            with (_probe_before() if before else contextlib.nullcontext()):
+                probe_bn_statistics(model[0], batches, PROBE_SAMPLES)
+        return run
+
+    def timed(f):
+        def run() -> float:
+            t0 = time.perf_counter()
+            f()
+            return time.perf_counter() - t0
+        return run
+    return interleaved({k: timed(f) for k, f in {
+        "one eval pass over the training images": eval_pass,
+        "adapt now: recalibrate_bn": lambda: recalibrate_bn(copies[0], xs),
+        "adapt before: contiguous batches": lambda: recalibrate_bn(copies[1], xs, forward=lambda m, b: m(b)),
+        "adapt first release: float64 copies and sums": torch.no_grad()(lambda: recalibrate_float64_sums(copies[2], xs)),
+        "probe now": probe(False),
+        "probe before: contiguous batches, NumPy SVD": probe(True),
+    }.items()}, args.repeats)
+
+
 def run_network(net, args) -> list[str]:
     env = frozen_setups(net, args)
     for learn, cbs in env.values():  # warm every path once (allocator, first-call costs, the copy)
@@ -225,6 +296,7 @@ def run_network(net, args) -> list[str]:
     }, args.repeats)
     inf = inference_rates(net, args, max(args.repeats, 5))
     parts, pair, adapt = breakdown(net, args)
+    ba = before_after(net, args)
 
     ref, unf = epochs["frozen, fastai default (train_bn=True)"], epochs["unfrozen (reference)"]
     lines = [f"## {net}\n", "**One epoch**\n",
@@ -265,6 +337,12 @@ def run_network(net, args) -> list[str]:
     ev = adapt["one eval pass over the training images"]
     lines += ["", "**bn='adapt' against one eval pass over the same images**\n", "| pass | seconds | vs one eval pass |",
               "|---|---|---|"] + [f"| {k} | {v:.2f} | {v / ev:.2f}x |" for k, v in adapt.items()] + [""]
+    ev, total = ba["one eval pass over the training images"], parts["total"]
+    lines += [f"**Before / after, side by side in this run** (the same Learner, {args.batches * args.bs} training "
+              f"images; the probe's share is of the `fine_tune_with(2)` run above)\n",
+              "| pass | seconds | vs one eval pass | share of that run |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v:.2f} | {v / ev:.2f}x | " + (f"{v / total:.1%} |" if k.startswith("probe") else "|")
+              for k, v in ba.items()] + [""]
     return lines
 
 
