@@ -234,8 +234,7 @@ class FineTuneSchedule:
     def start(self) -> None:
         "Decide and apply the BN policy, freeze the body (BN parameters as `freeze_bn` says)."
         learn = self.learn
-        self._before = ({p: p.requires_grad for p in learn.model.parameters()},
-                        learn.opt.frozen_idx if learn.opt is not None else 0)
+        self._before = ({p: p.requires_grad for p in learn.model.parameters()}, frozen_count(learn.opt))
         self.record.bn = self.policy_cb.resolve(learn)
         learn.freeze_body(freeze_bn=self.record.bn.freeze_bn)
 

@@ -1,4 +1,6 @@
+import importlib.util
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -39,3 +41,18 @@ def make_learner(source_model, target_data):
         learn = new_head_learner(source_model, dls, metrics=metrics, **kwargs)
         return learn
     return _make
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    "`load_benchmark('ladder')`: the script benchmarks/ladder.py as a module (registered in sys.modules)."
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # dataclasses look their module up there
+        spec.loader.exec_module(mod)
+        return mod
+    return load

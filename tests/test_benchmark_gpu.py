@@ -1,24 +1,11 @@
 """The GPU benchmark (benchmarks/gpu.py) runs end to end: on CPU here with a tiny size (float32); on a
 GPU the same command runs at 128 px with `to_fp16()`."""
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("gpu_benchmark", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_benchmark"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_quick_gpu_benchmark_writes_every_kind_and_its_time_parts(tmp_path):
-    gpu = _load()
+def test_quick_gpu_benchmark_writes_every_kind_and_its_time_parts(load_benchmark, tmp_path):
+    gpu = load_benchmark("gpu")
     out = tmp_path / "gpu"
     gpu.main(["--quick", "--device", "cpu", "--out", str(out)])
     res = json.loads(out.with_suffix(".json").read_text())

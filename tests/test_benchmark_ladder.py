@@ -1,22 +1,13 @@
 """The unfreeze-rate ladder benchmark (benchmarks/ladder.py) runs end to end: on CPU here with a tiny
 size; the same script takes `--device cuda --size 128 --fp16` on a GPU."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ladder.py"
-
 
 @pytest.fixture(scope="module")
-def ladder():
-    spec = importlib.util.spec_from_file_location("ladder", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["ladder"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+def ladder(load_benchmark):
+    return load_benchmark("ladder")
 
 
 def test_quick_ladder_writes_every_column(ladder, tmp_path):
