@@ -219,6 +219,7 @@ class FineTuneSchedule:
         self.range_test = _range_test_config(range_test)
         self.record = FineTuneRecord()
         self._iter0, self._t0 = 0, time.perf_counter()
+        self._before: tuple[dict, int] | None = None  # the freeze state `start` found (flags, frozen groups)
 
     @property
     def freeze_bn(self) -> bool:
@@ -242,7 +243,7 @@ class FineTuneSchedule:
         """After an interrupt (an error, Ctrl-C) while groups are still frozen by this run: the Learner's
         freeze state from before the run (its frozen groups and every parameter's `requires_grad`;
         parameters a fold made new keep their own). Returns whether anything was given back."""
-        before, self._before = getattr(self, "_before", None), None
+        before, self._before = self._before, None
         learn = self.learn
         if before is None or learn.opt is None or not frozen_count(learn.opt):
             return False
